@@ -1,0 +1,143 @@
+"""The broker: one queue from every source, one dispatcher thread, many consumers.
+
+Owns: the ``queue.Queue`` that readers hand batches of frames to, the dispatcher thread that
+offers each batch to every registered consumer, and :class:`Mailbox`, the bounded per-consumer
+buffer with its drop counter and rate-limited "not keeping up" log line. A consumer's
+``deliver`` must never block: whatever it cannot take it drops and counts, so one slow consumer
+costs frames for itself only.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from typing import Callable, Deque, List, Protocol, Sequence
+
+from .frames import Frame
+
+log = logging.getLogger("wiretap.broker")
+
+DROP_LOG_INTERVAL_S = 10.0
+
+
+class Consumer(Protocol):
+    """Anything the dispatcher hands batches to. ``deliver`` must return at once."""
+
+    def deliver(self, frames: Sequence[Frame]) -> None: ...
+
+
+class DropReporter:
+    """Counts frames a consumer lost and logs it at most once per ``interval`` seconds."""
+
+    def __init__(self, who: str, interval: float = DROP_LOG_INTERVAL_S) -> None:
+        self.who = who
+        self.interval = interval
+        self.total = 0
+        self._unlogged = 0
+        self._last_log = float("-inf")
+        self._lock = threading.Lock()
+
+    def add(self, count: int) -> None:
+        if count <= 0:
+            return
+        with self._lock:
+            self.total += count
+            self._unlogged += count
+            now = time.monotonic()
+            if now - self._last_log < self.interval:
+                return
+            unlogged, self._unlogged, self._last_log = self._unlogged, 0, now
+        log.warning("%s is not keeping up, dropped %d frames", self.who, unlogged)
+
+
+class Mailbox:
+    """A bounded FIFO of frames between the dispatcher and one consumer thread.
+
+    ``put`` never blocks: frames beyond ``capacity`` are dropped (newest first) and counted.
+    """
+
+    def __init__(self, who: str, capacity: int) -> None:
+        self.capacity = capacity
+        self.drops = DropReporter(who)
+        self._items: Deque[Frame] = collections.deque()
+        self._ready = threading.Condition(threading.Lock())
+        self.accepted = 0
+
+    def put(self, frames: Sequence[Frame]) -> int:
+        """Queue as many of ``frames`` as fit; returns how many were accepted."""
+        with self._ready:
+            room = self.capacity - len(self._items)
+            taken = frames if len(frames) <= room else frames[: max(room, 0)]
+            self._items.extend(taken)
+            self.accepted += len(taken)
+            if taken:
+                self._ready.notify()
+        self.drops.add(len(frames) - len(taken))
+        return len(taken)
+
+    def get(self, max_items: int, timeout: float) -> List[Frame]:
+        """Up to ``max_items`` frames, oldest first; waits up to ``timeout`` s for the first."""
+        with self._ready:
+            if not self._items:
+                self._ready.wait(timeout)
+            items = self._items
+            count = min(max_items, len(items))
+            return [items.popleft() for _ in range(count)]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Broker:
+    """Sources ``publish`` batches; the dispatcher thread offers each batch to every consumer."""
+
+    def __init__(self, max_batches: int = 100_000) -> None:
+        self._queue: "queue.Queue[List[Frame] | None]" = queue.Queue(max_batches)
+        self._consumers: List[Consumer] = []
+        self._consumers_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._dispatch, name="dispatcher", daemon=True)
+        self.frames_in = 0
+        self.overflow = DropReporter("broker")
+
+    def register(self, consumer: Consumer) -> None:
+        with self._consumers_lock:
+            self._consumers = self._consumers + [consumer]
+
+    def unregister(self, consumer: Consumer) -> None:
+        with self._consumers_lock:
+            self._consumers = [c for c in self._consumers if c is not consumer]
+
+    def publish(self, frames: List[Frame]) -> None:
+        """Hand a batch over; called from reader threads, never blocks."""
+        if not frames:
+            return
+        try:
+            self._queue.put_nowait(frames)
+        except queue.Full:
+            self.overflow.add(len(frames))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Deliver what is queued, then stop the dispatcher."""
+        if not self._thread.is_alive():
+            return
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _dispatch(self) -> None:
+        get = self._queue.get
+        while True:
+            frames = get()
+            if frames is None:
+                return
+            self.frames_in += len(frames)
+            for consumer in self._consumers:
+                try:
+                    consumer.deliver(frames)
+                except Exception:
+                    log.exception("consumer %r failed to take a batch", consumer)
