@@ -1,0 +1,250 @@
+"""Wiring: builds sources, broker and consumers from a Config, and shuts them down in order.
+
+Owns: which source serves which bus, the transmit route from a client back to its bus, the
+stats collection, signal handling, and the shutdown order (sources -> broker -> consumers), each
+joined with a timeout so a stop completes within 10 s. The only module that knows them all.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Callable, Dict, List, Mapping, Optional
+
+from . import gvret
+from .broker import Broker
+from .config import Config
+from .console import ConsoleEcho
+from .frames import Frame
+from .server import Beacon, ClientHub, GvretServer
+from .sources import Source, TransmitResult
+from .sources.replay import ReplaySource
+from .sources.socketcan import SocketCanSource
+from .stats import StatsReporter, format_line
+
+log = logging.getLogger("wiretap.app")
+
+MAX_BUSES = 16
+REPLAY_PREFIX = "replay:"
+SocketFactory = Callable[[], socket.socket]
+
+
+class StartupError(Exception):
+    """A problem that stops the server from starting; ``exit_code`` is what the process returns."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def build_sources(
+    config: Config, socket_factories: Optional[Mapping[str, SocketFactory]] = None
+) -> List[Source]:
+    """One source per ``iface`` entry, numbered from ``bus_offset`` in order."""
+    server = config.server
+    factories = socket_factories or {}
+    sources: List[Source] = []
+    bus = server.bus_offset
+    for name in server.iface:
+        if name.startswith(REPLAY_PREFIX):
+            path = name[len(REPLAY_PREFIX) :]
+            try:
+                source: Source = ReplaySource(
+                    path,
+                    bus,
+                    can_fd=server.can_fd,
+                    speed=server.replay_speed,
+                    loop=server.replay_loop,
+                    default_dir=server.default_dir,
+                )
+            except OSError as exc:
+                raise StartupError(f"replay log {path}: {exc.strerror or exc}", 2) from exc
+        else:
+            source = SocketCanSource(
+                name,
+                bus,
+                can_fd=server.can_fd,
+                default_dir=server.default_dir,
+                open_socket=factories.get(name),
+            )
+        sources.append(source)
+        bus += source.bus_count
+    if bus > MAX_BUSES:
+        raise StartupError(
+            f"iface: {bus - server.bus_offset} buses from bus_offset {server.bus_offset} "
+            f"need bus numbers up to {bus - 1}; GVRET has 16 (0-15)",
+            2,
+        )
+    return sources
+
+
+class App:
+    """The running server. ``start()`` then ``stop()``; ``port`` is the bound TCP port."""
+
+    def __init__(
+        self, config: Config, socket_factories: Optional[Mapping[str, SocketFactory]] = None
+    ) -> None:
+        self.config = config
+        self.start_ns = time.time_ns()
+        self.sources = build_sources(config, socket_factories)
+        self.bus_to_source: Dict[int, Source] = {
+            source.first_bus + offset: source
+            for source in self.sources
+            for offset in range(source.bus_count)
+        }
+        self.bus_count = max(self.bus_to_source, default=config.server.bus_offset) + 1
+        self.broker = Broker()
+        self.hub = ClientHub(self.start_ns)
+        self.broker.register(self.hub)
+        self.echo: Optional[ConsoleEcho] = None
+        if config.server.echo_console:
+            self.echo = ConsoleEcho(sys.stdout, config.server.colour, self.start_ns)
+            self.broker.register(self.echo)
+        self.pg = None
+        if config.postgres.enable:
+            from .pg.writer import PgWriter
+
+            self.pg = PgWriter(config.postgres, config.server.default_dir)
+            self.broker.register(self.pg)
+        self.server = self._bind()
+        self.beacon = Beacon(config.server.beacon_address) if config.server.beacon else None
+        self.stats = StatsReporter(config.logging.stats_interval, self.counters)
+        self._server_thread = threading.Thread(
+            target=self.server.serve_forever, args=(0.25,), name="gvret-accept", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    def _bind(self) -> GvretServer:
+        server = self.config.server
+        try:
+            return GvretServer(
+                (server.host, server.port),
+                self.hub,
+                bus_count=self.bus_count,
+                bus_params=self.bus_params,
+                transmit=self.transmit,
+                read_only=server.read_only,
+                allow=server.allow,
+                max_clients=server.max_clients,
+                dialect=server.gvret_fd,
+            )
+        except OSError as exc:
+            where = f"{server.host}:{server.port}"
+            if exc.errno == errno.EADDRINUSE:
+                message = f"cannot listen on {where}: the port is already in use"
+            elif exc.errno == errno.EACCES:
+                message = (
+                    f"cannot listen on {where}: permission denied (ports below 1024 need "
+                    "CAP_NET_BIND_SERVICE: run under the shipped systemd unit, or use port 2323)"
+                )
+            else:
+                message = f"cannot listen on {where}: {exc.strerror or exc}"
+            raise StartupError(message) from exc
+
+    def bus_params(self, bus: int) -> gvret.BusParams:
+        source = self.bus_to_source.get(bus)
+        if source is None:
+            return gvret.DISABLED_BUS
+        info = source.bus_info(bus)
+        return gvret.BusParams(info.enabled, info.listen_only, info.bitrate)
+
+    def transmit(self, frame: Frame, origin: int) -> Optional[str]:
+        source = self.bus_to_source.get(frame.bus)
+        if source is None:
+            return "no such bus"
+        result = source.transmit(frame, origin)
+        if result is TransmitResult.SENT:
+            return None
+        if result is TransmitResult.REFUSED:
+            return f"{len(frame.data)}-byte frame on a classic CAN bus"
+        return f"{source.name}: {result.value}"
+
+    def counters(self) -> Dict[str, object]:
+        values: Dict[str, object] = {
+            "rx": self.broker.frames_in,
+            "clients": len(self.hub.clients),
+            "client_drops": self.hub.client_drops(),
+            "conn": 0,
+        }
+        for source in self.sources:
+            for name, value in source.counters().items():
+                values[name] = int(values.get(name, 0)) + value  # type: ignore[call-overload]
+        if self.pg is not None:
+            values.update(self.pg.counters())
+        return values
+
+    def start(self) -> None:
+        log.info(
+            "listening on %s:%d for GVRET clients; buses: %s",
+            self.config.server.host,
+            self.port,
+            ", ".join(
+                f"{source.name}={source.first_bus}"
+                + (f"-{source.first_bus + source.bus_count - 1}" if source.bus_count > 1 else "")
+                for source in self.sources
+            ),
+        )
+        for consumer in (self.echo, self.pg):
+            if consumer is not None:
+                consumer.start()
+        self.broker.start()
+        for source in self.sources:
+            source.start(self.broker.publish)
+        self._server_thread.start()
+        if self.beacon is not None:
+            self.beacon.start()
+        self.stats.start()
+
+    def stop(self) -> None:
+        """Stop reading, deliver what was read, close clients, flush the database."""
+        self.stats.stop()
+        if self.beacon is not None:
+            self.beacon.stop()
+        for source in self.sources:
+            source.stop()
+        for source in self.sources:
+            source.join(2.0)
+        self.broker.stop(2.0)
+        self.server.shutdown()
+        self.server.server_close()
+        for client in self.hub.clients:
+            client.stop_writer()
+        if self.echo is not None:
+            self.echo.stop()
+        if self.pg is not None:
+            self.pg.stop(5.0)
+        log.info("%s", format_line(self.stats.snapshot()))
+
+
+def run(config: Config) -> int:
+    """Run until SIGINT / SIGTERM; the process exit code."""
+    try:
+        app = App(config)
+    except StartupError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting at once", signal.Signals(signum).name)
+            os._exit(1)
+        log.info("%s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    app.start()
+    while not stop.wait(1.0):
+        pass
+    app.stop()
+    return 0

@@ -1,0 +1,402 @@
+"""SocketCAN reader: one thread per interface, raw ``AF_CAN`` socket, kernel timestamps.
+
+Owns: opening the raw socket and its options, the ``recvmsg`` loop with its ancillary data
+(``SO_TIMESTAMP``, ``SO_RXQ_OVFL``), direction from ``msg_flags``, error-frame accounting, the
+down / gone / reopen-by-name life of an interface, and ``transmit`` for GVRET clients.
+
+The socket comes through a seam (``open_socket``): tests hand in one end of an ``AF_UNIX``
+``SOCK_DGRAM`` pair carrying ``can_frame`` / ``canfd_frame`` bytes, which receives the same
+``SO_TIMESTAMP`` ancillary data as a CAN socket.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import json
+import logging
+import select
+import socket
+import struct
+import subprocess
+import threading
+import time
+from typing import Callable, Deque, List, Optional, Tuple
+
+from ..frames import (
+    CAN_ERR_BUSOFF,
+    CAN_ERR_CRTL,
+    CAN_ERR_CRTL_RX_PASSIVE,
+    CAN_ERR_CRTL_TX_PASSIVE,
+    CANFD_MTU,
+    RX,
+    TX,
+    ErrorFrame,
+    Frame,
+    decode,
+    encode,
+)
+from . import BusInfo, Publish, Source, TransmitResult
+
+log = logging.getLogger("wiretap.socketcan")
+
+# <asm-generic/socket.h>; the socket module lacks some of these on older Pythons.
+SO_TIMESTAMP = 29
+SO_RXQ_OVFL = 40
+SO_RCVBUFFORCE = 33
+# <linux/can/raw.h>
+SOL_CAN_RAW = 101
+CAN_RAW_ERR_FILTER = 2
+CAN_RAW_RECV_OWN_MSGS = 4
+CAN_RAW_FD_FRAMES = 5
+# <linux/can/error.h>
+CAN_ERR_RESTARTED = 0x00000100
+CAN_ERR_CRTL_ACTIVE = 0x40
+# <linux/socket.h>: how the kernel marks frames this host sent (net/can/raw.c raw_rcv()).
+MSG_DONTROUTE = 0x04  # sent by another socket on this host (e.g. cansend)
+MSG_CONFIRM = 0x800  # sent by this very socket, echoed back with CAN_RAW_RECV_OWN_MSGS
+
+TIMEVAL_64 = struct.Struct("=qq")
+"""``struct timeval`` with 64-bit ``time_t`` (64-bit kernels, and 32-bit with time64): tv_sec,
+tv_usec."""
+
+TIMEVAL_32 = struct.Struct("=ii")
+"""``struct timeval`` with 32-bit ``time_t`` (32-bit Raspberry Pi OS): tv_sec, tv_usec."""
+
+RXQ_OVFL_COUNT = struct.Struct("=I")
+"""``SO_RXQ_OVFL`` ancillary data: ``__u32`` frames the kernel dropped on this socket so far."""
+
+CAN_ERR_FILTER = CAN_ERR_CRTL | CAN_ERR_BUSOFF | CAN_ERR_RESTARTED
+ANCILLARY_SPACE = socket.CMSG_SPACE(TIMEVAL_64.size) + socket.CMSG_SPACE(RXQ_OVFL_COUNT.size)
+RECEIVE_BUFFER = 4 * 1024 * 1024
+MAX_BATCH = 512
+POLL_INTERVAL_MS = 250
+REOPEN_BACKOFF_MAX_S = 5.0
+SEND_RETRY_WINDOW_S = 0.02
+PENDING_CONFIRMATIONS = 1024
+DEFAULT_BITRATE = 500_000
+SEND_ERRORS = {
+    errno.ENOBUFS: TransmitResult.BUSY,
+    errno.EAGAIN: TransmitResult.BUSY,
+    errno.ENETDOWN: TransmitResult.DOWN,
+    errno.ENODEV: TransmitResult.DOWN,
+}
+
+
+def direction_of(msg_flags: int, default_dir: str) -> str:
+    """``tx`` for frames this host sent (another local socket, or this one), else the default."""
+    return TX if msg_flags & (MSG_DONTROUTE | MSG_CONFIRM) else default_dir
+
+
+def parse_ancillary(ancdata: List[Tuple[int, int, bytes]]) -> Tuple[Optional[int], Optional[int]]:
+    """``(timestamp ns, kernel drop count)`` from ``recvmsg`` ancillary data; None if absent."""
+    ts_ns = drops = None
+    for level, kind, data in ancdata:
+        if level != socket.SOL_SOCKET:
+            continue
+        if kind == SO_TIMESTAMP:
+            layout = TIMEVAL_64 if len(data) >= TIMEVAL_64.size else TIMEVAL_32
+            seconds, micros = layout.unpack_from(data)
+            ts_ns = seconds * 1_000_000_000 + micros * 1000
+        elif kind == SO_RXQ_OVFL:
+            (drops,) = RXQ_OVFL_COUNT.unpack_from(data)
+    return ts_ns, drops
+
+
+def open_can_socket(ifname: str, can_fd: bool) -> socket.socket:
+    """A raw CAN socket bound to ``ifname`` with the options the reader relies on."""
+    sock = socket.socket(socket.AF_CAN, socket.SOCK_RAW, socket.CAN_RAW)
+    try:
+        sock.setsockopt(SOL_CAN_RAW, CAN_RAW_RECV_OWN_MSGS, 1)
+        sock.setsockopt(SOL_CAN_RAW, CAN_RAW_ERR_FILTER, CAN_ERR_FILTER)
+        if can_fd:
+            sock.setsockopt(SOL_CAN_RAW, CAN_RAW_FD_FRAMES, 1)
+        sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+        sock.bind((ifname,))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def read_link_info(ifname: str) -> Tuple[Optional[int], bool]:
+    """``(bitrate, listen_only)`` of a CAN interface from ``ip -details -json``; bitrate None if
+    the kernel does not say (vcan has none)."""
+    try:
+        out = subprocess.run(
+            ["ip", "-details", "-json", "link", "show", "dev", ifname],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout
+        info = json.loads(out)[0]["linkinfo"]["info_data"]
+    except (OSError, subprocess.SubprocessError, ValueError, LookupError, TypeError):
+        return None, False
+    bitrate = info.get("bittiming", {}).get("bitrate")
+    return bitrate, "LISTEN-ONLY" in info.get("ctrlmode", [])
+
+
+def _operstate(ifname: str) -> Optional[str]:
+    try:
+        with open(f"/sys/class/net/{ifname}/operstate") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+class SocketCanSource(Source):
+    """Reads one interface as GVRET bus ``bus``; reopens it by name when it comes back."""
+
+    def __init__(
+        self,
+        ifname: str,
+        bus: int,
+        *,
+        can_fd: bool = False,
+        default_dir: str = RX,
+        open_socket: Optional[Callable[[], socket.socket]] = None,
+    ) -> None:
+        self.name = ifname
+        self.first_bus = bus
+        self.can_fd = can_fd
+        self.default_dir = default_dir
+        self._open_socket = open_socket or (lambda: open_can_socket(ifname, can_fd))
+        self._is_can_socket = open_socket is None
+        self._sock: Optional[socket.socket] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"reader-{ifname}", daemon=True)
+        self._publish: Optional[Publish] = None
+        self._pending: Deque[Tuple[bytes, int]] = collections.deque(maxlen=PENDING_CONFIRMATIONS)
+        self._pending_lock = threading.Lock()
+        self._bitrate: Optional[int] = None
+        self._listen_only = False
+        self._down = False
+        self._bus_state = "active"
+        self._drops_base = 0
+        self._drops_socket = 0
+        self.frames_read = 0
+        self.error_frames = 0
+        self.tx = 0
+        self.tx_fail = 0
+        self._reported_send_down = False
+
+    # --- life ----------------------------------------------------------------------------
+
+    def start(self, publish: Publish) -> None:
+        self._publish = publish
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def counters(self) -> dict:
+        return {
+            "kernel_drops": self._drops_base + self._drops_socket,
+            "tx": self.tx,
+            "tx_fail": self.tx_fail,
+            "error_frames": self.error_frames,
+        }
+
+    def bus_info(self, bus: int) -> BusInfo:
+        return BusInfo(True, self._listen_only, self._bitrate or DEFAULT_BITRATE, self.can_fd)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            sock = self._open_with_backoff()
+            if sock is None:
+                return
+            try:
+                self._read(sock)
+            finally:
+                self._sock = None
+                sock.close()
+                self._drops_base += self._drops_socket
+                self._drops_socket = 0
+
+    def _open_with_backoff(self) -> Optional[socket.socket]:
+        delay = 0.5
+        reported: Optional[str] = None
+        while not self._stop.is_set():
+            try:
+                sock = self._open_socket()
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                if exc.errno == errno.ENODEV:
+                    reason = "no such interface"
+                if reported != reason:
+                    log.warning(
+                        "%s: cannot open (%s), retrying every %.0f s at most",
+                        self.name,
+                        reason,
+                        REOPEN_BACKOFF_MAX_S,
+                    )
+                    reported = reason
+                self._stop.wait(delay)
+                delay = min(delay * 2, REOPEN_BACKOFF_MAX_S)
+                continue
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
+            sock.setblocking(False)
+            self._sock = sock
+            if self._is_can_socket:
+                self._read_link()
+            if reported is not None:
+                log.info("%s: interface is back, reading again", self.name)
+            return sock
+        return None
+
+    def _read_link(self) -> None:
+        bitrate, self._listen_only = read_link_info(self.name)
+        if bitrate is None and self._bitrate is None:
+            log.info(
+                "%s: the kernel reports no bit rate, reporting %d to clients",
+                self.name,
+                DEFAULT_BITRATE,
+            )
+        self._bitrate = bitrate
+        if _operstate(self.name) == "down" and not self._down:
+            self._down = True
+            log.warning("%s: interface is down", self.name)
+
+    # --- reading -------------------------------------------------------------------------
+
+    def _read(self, sock: socket.socket) -> None:
+        """Read until stopped or the interface vanishes (then return to reopen it)."""
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        recvmsg = sock.recvmsg
+        publish = self._publish
+        assert publish is not None
+        bus, default_dir = self.first_bus, self.default_dir
+        while not self._stop.is_set():
+            if not poller.poll(POLL_INTERVAL_MS):
+                continue
+            batch: List[Frame] = []
+            try:
+                for _ in range(MAX_BATCH):
+                    data, ancdata, msg_flags, _addr = recvmsg(CANFD_MTU, ANCILLARY_SPACE)
+                    ts_ns, drops = parse_ancillary(ancdata)
+                    if drops is not None:
+                        self._drops_socket = drops
+                    if ts_ns is None:
+                        ts_ns = time.time_ns()
+                    direction = direction_of(msg_flags, default_dir)
+                    origin = self._confirmed_origin(data) if msg_flags & MSG_CONFIRM else 0
+                    frame = decode(data, bus, ts_ns, direction, origin)
+                    if frame is None:
+                        continue
+                    if type(frame) is ErrorFrame:
+                        self._on_error_frame(frame)
+                        continue
+                    batch.append(frame)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                if batch:
+                    self._deliver(batch, publish)
+                if not self._on_read_error(exc):
+                    return
+                continue
+            if batch:
+                self._deliver(batch, publish)
+
+    def _deliver(self, batch: List[Frame], publish: Publish) -> None:
+        if self._down:
+            self._down = False
+            log.info("%s: reading again", self.name)
+        self.frames_read += len(batch)
+        publish(batch)
+
+    def _on_read_error(self, exc: OSError) -> bool:
+        """Log the loss; True to keep reading the same socket, False to reopen it."""
+        if exc.errno == errno.ENETDOWN:
+            if not self._down:
+                self._down = True
+                log.warning("%s: interface is down", self.name)
+            return True
+        # ENODEV: the interface was unregistered (USB adapter unplugged). The kernel unbinds the
+        # socket, which would then read *every* interface: close it and reopen by name.
+        log.warning("%s: interface is gone (%s), reopening by name", self.name, exc.strerror or exc)
+        self._down = False
+        return False
+
+    def _on_error_frame(self, frame: ErrorFrame) -> None:
+        self.error_frames += 1
+        state = self._bus_state
+        controller = frame.data[1] if len(frame.data) > 1 else 0
+        if frame.err_class & CAN_ERR_BUSOFF:
+            state = "bus-off"
+        elif frame.err_class & CAN_ERR_CRTL and controller & (
+            CAN_ERR_CRTL_RX_PASSIVE | CAN_ERR_CRTL_TX_PASSIVE
+        ):
+            state = "error-passive"
+        elif frame.err_class & CAN_ERR_RESTARTED or (
+            frame.err_class & CAN_ERR_CRTL and controller & CAN_ERR_CRTL_ACTIVE
+        ):
+            state = "active"
+        if state != self._bus_state:
+            self._bus_state = state
+            log.warning("%s: controller is %s", self.name, state)
+
+    # --- transmit ------------------------------------------------------------------------
+
+    @staticmethod
+    def _confirmation_key(raw: bytes) -> bytes:
+        # can_id and len sit at the same offsets in can_frame and canfd_frame, data at 8.
+        return raw[:5] + raw[8 : 8 + raw[4]]
+
+    def _confirmed_origin(self, data: bytes) -> int:
+        """The client that transmitted the frame the kernel now confirms (FIFO per socket)."""
+        key = self._confirmation_key(data)
+        with self._pending_lock:
+            for index, (pending_key, origin) in enumerate(self._pending):
+                if pending_key == key:
+                    del self._pending[index]
+                    return origin
+        return 0
+
+    def transmit(self, frame: Frame, origin: int) -> TransmitResult:
+        if (frame.fd or len(frame.data) > 8) and not self.can_fd:
+            return TransmitResult.REFUSED
+        sock = self._sock
+        if sock is None:
+            return self._send_failed(TransmitResult.DOWN, "interface is not open")
+        raw = encode(frame)
+        entry = (self._confirmation_key(raw), origin)
+        with self._pending_lock:
+            self._pending.append(entry)
+        deadline = time.monotonic() + SEND_RETRY_WINDOW_S
+        while True:
+            try:
+                sock.send(raw)
+                break
+            except OSError as exc:
+                # ENOBUFS: the interface's TX queue is full; EAGAIN: our socket's send buffer is.
+                if exc.errno in (errno.ENOBUFS, errno.EAGAIN) and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                    continue
+                with self._pending_lock:
+                    if entry in self._pending:
+                        self._pending.remove(entry)
+                result = SEND_ERRORS.get(exc.errno, TransmitResult.FAILED)
+                return self._send_failed(result, exc.strerror or str(exc))
+        self.tx += 1
+        self._reported_send_down = False
+        return TransmitResult.SENT
+
+    def _send_failed(self, result: TransmitResult, reason: str) -> TransmitResult:
+        self.tx_fail += 1
+        if result is TransmitResult.DOWN:
+            if not self._reported_send_down:
+                self._reported_send_down = True
+                log.warning("%s: transmit dropped: %s", self.name, reason)
+        else:
+            log.debug("%s: transmit dropped: %s", self.name, reason)
+        return result
