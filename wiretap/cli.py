@@ -1,0 +1,40 @@
+"""The command line: parse, validate, report, then hand the configuration to ``app``.
+
+Owns the exit codes of start-up: 2 for any configuration error (one ``config error: …`` line per
+problem on stderr), 0 for ``--check-config`` with a valid configuration, otherwise whatever
+``wiretap.app.run`` returns. Flags and keys themselves are defined in ``config``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+from wiretap.config import ConfigError, parse_args, resolve
+
+EXIT_CONFIG_ERROR = 2
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the server with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    if argv is None:
+        argv = sys.argv[1:]
+    try:
+        args = parse_args(argv)
+        config = resolve(args, os.environ)
+    except SystemExit as finished:  # --help and --version print and exit 0
+        return int(finished.code or 0)
+    except ConfigError as error:
+        for message in error.errors:
+            print(f"config error: {message}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if args.check_config:
+        print(config.describe(), end="")
+        return 0
+    logging.basicConfig(stream=sys.stderr, format=LOG_FORMAT, level=config.logging.level)
+    from wiretap import app  # imported late: everything above works without the runtime parts
+
+    return app.run(config)
