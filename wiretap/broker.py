@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable, Deque, List, Protocol, Sequence
+from typing import Deque, List, Protocol, Sequence
 
 from .frames import Frame
 
@@ -95,7 +95,7 @@ class Broker:
     """Sources ``publish`` batches; the dispatcher thread offers each batch to every consumer."""
 
     def __init__(self, max_batches: int = 100_000) -> None:
-        self._queue: "queue.Queue[List[Frame] | None]" = queue.Queue(max_batches)
+        self._queue: queue.Queue[List[Frame] | None] = queue.Queue(max_batches)
         self._consumers: List[Consumer] = []
         self._consumers_lock = threading.Lock()
         self._thread = threading.Thread(target=self._dispatch, name="dispatcher", daemon=True)

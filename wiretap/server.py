@@ -15,6 +15,7 @@ SavvyCAN never has more than ~64 KB waiting for it (docs/gvret.md §3).
 from __future__ import annotations
 
 import collections
+import contextlib
 import ipaddress
 import itertools
 import logging
@@ -178,10 +179,8 @@ class ClientConnection:
             log.debug("client %s: write failed: %s", self.who, exc)
         finally:
             # Wake the handler thread (blocked in recv) so the connection ends as one.
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def _send_all(self, data: bytes) -> bool:
         """Write all of ``data``; False if the client is gone or stalled for 30 s."""

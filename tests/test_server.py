@@ -1,0 +1,282 @@
+"""End to end through the seam: a real server, real TCP clients, frames through socket pairs."""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import struct
+import time
+
+from conftest import wait_until
+from gvret_client import SAVVYCAN_HELLO, GvretClient
+
+from wiretap.frames import CAN_FRAME, CANFD_FRAME, make_frame
+
+EXAMPLE_REPLIES = {
+    0x0C: bytes.fromhex("02"),
+    0x06: bytes.fromhex("0120A10700 0120A10700".replace(" ", "")),
+    0x07: bytes.fromhex("6A0220000000"),
+    0x09: bytes.fromhex("DEAD"),
+    0x0D: bytes(15),
+}
+
+
+def test_savvycan_handshake_gets_byte_exact_replies(harness, bus_factory):
+    app = harness.start(
+        "--iface", "can0,can1", buses={"can0": bus_factory(), "can1": bus_factory()}
+    )
+    client = GvretClient(app.port, hello=SAVVYCAN_HELLO)
+    client.wait_reply(0x09)
+    assert [r.cmd for r in client.replies] == [0x0C, 0x06, 0x07, 0x01, 0x09]
+    client.send(b"\xf1\x0d")
+    client.wait_reply(0x0D)
+    for reply in client.replies:
+        if reply.cmd != 0x01:
+            assert reply.payload == EXAMPLE_REPLIES[reply.cmd]
+    # The 17-byte F1 0D reply and the 12-byte F1 06 reply, whole, on the wire.
+    assert bytes.fromhex("F10D") + bytes(15) in bytes(client.raw)
+    assert bytes.fromhex("F106 0120A10700 0120A10700".replace(" ", "")) in bytes(client.raw)
+    client.close()
+
+
+def test_time_sync_uses_the_frame_clock(harness, bus_factory):
+    app = harness.start("--iface", "can0", buses={"can0": bus_factory()})
+    client = GvretClient(app.port, hello=b"")
+    before = (time.time_ns() - app.start_ns) // 1000
+    client.send(b"\xf1\x01\x00")
+    (reply,) = client.wait_reply(0x01)
+    after = (time.time_ns() - app.start_ns) // 1000
+    assert before <= struct.unpack("<I", reply.payload)[0] <= after
+    client.close()
+
+
+def test_frames_arrive_with_bus_id_data_and_kernel_timestamp(harness, bus_factory):
+    can0, can1 = bus_factory(), bus_factory()
+    app = harness.start(
+        "--iface", "can0,can1", "--bus-offset", "2", buses={"can0": can0, "can1": can1}
+    )
+    client = GvretClient(app.port)
+    wait_until(lambda: any(c.streaming for c in app.hub.clients), what="binary mode")
+    sent = []
+    bounds = []
+    for i in range(8):
+        frame = make_frame(0, 0x100 + i, bytes(range(i)))
+        t0 = time.time_ns()
+        can0.send(frame)
+        can1.send(make_frame(0, 0x1ABCDE00 + i, bytes([0xF1, 0xE7] * 4)[:i], extended=True))
+        bounds.append((t0, time.time_ns()))
+        sent.append(frame)
+    frames = client.wait_frames(16)
+    assert len(frames) == 16
+    on_bus2 = [f for f in frames if f.bus == 2]
+    on_bus3 = [f for f in frames if f.bus == 3]
+    assert [(f.can_id, f.extended, f.data) for f in on_bus2] == [
+        (0x100 + i, False, bytes(range(i))) for i in range(8)
+    ]
+    assert [(f.can_id, f.extended, f.data) for f in on_bus3] == [
+        (0x1ABCDE00 + i, True, bytes([0xF1, 0xE7] * 4)[:i]) for i in range(8)
+    ]
+    for frame, (t0, t1) in zip(on_bus2, bounds):
+        assert (t0 - app.start_ns) // 1000 <= frame.ts_us <= (t1 - app.start_ns) // 1000 + 1
+    client.send(b"\xf1\x0c")
+    assert client.wait_reply(0x0C)[0].payload == b"\x04"
+    client.close()
+
+
+def test_no_frames_before_binary_mode(harness, bus_factory):
+    can0 = bus_factory()
+    app = harness.start("--iface", "can0", buses={"can0": can0})
+    telnet = GvretClient(app.port, hello=b"hello\r\n")
+    binary = GvretClient(app.port)
+    wait_until(lambda: sum(c.streaming for c in app.hub.clients) == 1)
+    can0.send(make_frame(0, 0x321, b"\x01"))
+    binary.wait_frames(1)
+    telnet.send(b"\xf1\x09")
+    telnet.wait_reply(0x09)
+    assert telnet.frames == []
+    telnet.close()
+    binary.close()
+
+
+def test_client_transmit_reaches_the_bus_as_can_frame_bytes(harness, bus_factory):
+    can0, can1 = bus_factory(), bus_factory()
+    app = harness.start("--iface", "can0,can1", "--can-fd", buses={"can0": can0, "can1": can1})
+    client = GvretClient(app.port)
+    client.send(bytes.fromhex("F100 23010000 00 03 112233 00"))
+    raw = can0.receive()
+    assert raw == CAN_FRAME.pack(0x123, 3, 0, b"\x11\x22\x33")
+    data = bytes(range(64))
+    client.send(b"\xf1\x00" + struct.pack("<IBB", 0x80000000 | 0x18DAF110, 1, 64) + data + b"\x00")
+    raw = can1.receive()
+    assert len(raw) == 72
+    assert raw == CANFD_FRAME.pack(0x80000000 | 0x18DAF110, 64, 0x05, data)
+    assert app.counters()["tx"] == 2
+
+
+def test_bad_transmits_are_refused_and_the_connection_lives_on(harness, bus_factory, caplog):
+    can0 = bus_factory()
+    app = harness.start("--iface", "can0", buses={"can0": can0})
+    client = GvretClient(app.port)
+    with caplog.at_level(logging.WARNING, logger="wiretap.server"):
+        client.send(bytes.fromhex("F100 23010000 05 01 11 00"))  # no bus 5
+        client.send(
+            b"\xf1\x00" + struct.pack("<IBB", 0x123, 0, 12) + bytes(12) + b"\x00"
+        )  # FD on classic
+        client.send(bytes.fromhex("F100 00080000 00 01 11 00"))  # 0x800 does not fit 11 bits
+        client.send(bytes.fromhex("F109"))
+        client.wait_reply(0x09)
+    (handler_client,) = app.hub.clients
+    assert handler_client.tx_refused == 3
+    assert sum("transmit refused" in r.getMessage() for r in caplog.records) == 1  # rate-limited
+    client.send(bytes.fromhex("F100 23010000 00 01 42 00"))
+    assert can0.receive() == CAN_FRAME.pack(0x123, 1, 0, b"\x42")
+
+
+def test_read_only_refuses_every_transmit(harness, bus_factory, caplog):
+    can0 = bus_factory()
+    app = harness.start("--iface", "can0", "--read-only", buses={"can0": can0})
+    client = GvretClient(app.port)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            client.send(bytes.fromhex("F100 23010000 00 01 11 00"))
+        client.send(b"\xf1\x09")
+        client.wait_reply(0x09)
+    can0.test_end.setblocking(False)
+    try:
+        can0.receive()
+        raise AssertionError("a read-only server transmitted")
+    except BlockingIOError:
+        pass
+    assert app.hub.clients[0].tx_refused == 3
+    assert sum("read-only" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_allow_list_refuses_strangers(harness, bus_factory, caplog):
+    app = harness.start("--iface", "can0", "--allow", "10.0.0.0/8", buses={"can0": bus_factory()})
+    with caplog.at_level(logging.WARNING):
+        sock = socket.create_connection(("127.0.0.1", app.port), timeout=5)
+        assert sock.recv(10) == b""
+    assert any("not in the allow list" in r.getMessage() for r in caplog.records)
+    friendly = harness.start(
+        "--iface", "can0", "--allow", "127.0.0.0/8,10.0.0.0/8", buses={"can0": bus_factory()}
+    )
+    client = GvretClient(friendly.port, hello=b"\xf1\x09")
+    client.wait_reply(0x09)
+
+
+def test_max_clients_closes_the_next_connection(harness, bus_factory, caplog):
+    app = harness.start("--iface", "can0", "--max-clients", "2", buses={"can0": bus_factory()})
+    clients = [GvretClient(app.port, hello=b"\xf1\x09") for _ in range(2)]
+    for client in clients:
+        client.wait_reply(0x09)
+    with caplog.at_level(logging.WARNING):
+        extra = socket.create_connection(("127.0.0.1", app.port), timeout=5)
+        assert extra.recv(10) == b""
+    assert any("max_clients=2" in r.getMessage() for r in caplog.records)
+    clients[0].close()
+    wait_until(lambda: len(app.hub.clients) == 1)
+    late = GvretClient(app.port, hello=b"\xf1\x09")
+    late.wait_reply(0x09)
+
+
+def test_fd_dialect_per_client(harness, bus_factory):
+    can0 = bus_factory()
+    app = harness.start("--iface", "can0", "--can-fd", buses={"can0": can0})
+    wiretap = GvretClient(app.port)  # never sends 06 or 09: wiretap dialect
+    savvy = GvretClient(app.port, hello=SAVVYCAN_HELLO)  # classic
+    savvy.wait_reply(0x09)
+    wait_until(lambda: sum(c.streaming for c in app.hub.clients) == 2)
+    can0.send(make_frame(0, 0x123, bytes(range(64)), fd=True, brs=True))
+    can0.send(make_frame(0, 0x124, b"\x01\x02", fd=True))
+    can0.send(make_frame(0, 0x125, b"\x03"))
+    assert [(f.can_id, len(f.data), f.cmd) for f in wiretap.wait_frames(3)] == [
+        (0x123, 64, 0),
+        (0x124, 2, 0),
+        (0x125, 1, 0),
+    ]
+    assert [(f.can_id, f.data) for f in savvy.wait_frames(2)] == [
+        (0x124, b"\x01\x02"),
+        (0x125, b"\x03"),
+    ]
+    savvy_conn = next(c for c in app.hub.clients if c.dialect.value == "classic")
+    assert savvy_conn.fd_skipped == 1
+
+
+def test_esp32ret_dialect_sends_cmd_14(harness, bus_factory):
+    can0 = bus_factory()
+    app = harness.start(
+        "--iface", "can0", "--can-fd", "--gvret-fd", "esp32ret", buses={"can0": can0}
+    )
+    client = GvretClient(app.port, hello=SAVVYCAN_HELLO)
+    wait_until(lambda: any(c.streaming for c in app.hub.clients))
+    can0.send(make_frame(0, 0x7FF, bytes(range(12)), fd=True))
+    (frame,) = client.wait_frames(1)
+    assert (frame.cmd, frame.can_id, frame.data) == (0x14, 0x7FF, bytes(range(12)))
+
+
+def test_stalled_client_costs_only_itself(harness, bus_factory):
+    can0 = bus_factory()
+    app = harness.start("--iface", "can0", buses={"can0": can0})
+    stalled = socket.create_connection(("127.0.0.1", app.port))
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.sendall(b"\xe7\xe7")  # binary mode, then never reads
+    fast = GvretClient(app.port)
+    wait_until(lambda: sum(c.streaming for c in app.hub.clients) == 2)
+    total, step, keepalives = 40_000, 500, 0
+    for start in range(0, total, step):
+        for i in range(start, start + step):
+            can0.send(make_frame(0, i & 0x7FF, struct.pack("<Q", i)))
+        fast.send(b"\xf1\x09")
+        keepalives += 1
+        fast.wait_frames(start + step)
+    fast.wait_reply(0x09, keepalives)
+    assert [struct.unpack("<Q", f.data)[0] for f in fast.frames] == list(range(total))
+    stalled_conn = next(c for c in app.hub.clients if c.frames_sent < total)
+    assert stalled_conn.outbox.drops.total > 0
+    assert stalled_conn.frames_sent + stalled_conn.outbox.drops.total == total
+    assert app.hub.client_drops() == stalled_conn.outbox.drops.total
+    stalled.close()
+
+
+def test_garbage_client_is_survived(harness, bus_factory):
+    can0 = bus_factory()
+    app = harness.start("--iface", "can0", buses={"can0": can0})
+    good = GvretClient(app.port)
+    garbage = socket.create_connection(("127.0.0.1", app.port))
+    rng = random.Random(1234)
+    garbage.sendall(bytes(rng.getrandbits(8) for _ in range(200_000)))
+    for i in range(100):
+        can0.send(make_frame(0, 0x200, bytes([i])))
+    good.send(b"\xf1\x09")
+    good.wait_reply(0x09)
+    assert [f.data for f in good.wait_frames(100)] == [bytes([i]) for i in range(100)]
+    garbage.close()
+    wait_until(lambda: len(app.hub.clients) == 1)
+    again = GvretClient(app.port, hello=b"\xf1\x09")
+    again.wait_reply(0x09)
+
+
+def test_transmitting_client_is_not_sent_its_own_frame(harness, tmp_path):
+    log = tmp_path / "one.log"
+    log.write_text("(1700000000.000000) can0 100#01\n")
+    app = harness.start("--iface", f"replay:{log}")
+    sender = GvretClient(app.port)
+    watcher = GvretClient(app.port)
+    wait_until(lambda: sum(c.streaming for c in app.hub.clients) == 2)
+    sender.send(bytes.fromhex("F100 55050000 00 02 BEEF 00"))
+    (echoed,) = watcher.wait_frames(1)
+    assert (echoed.can_id, echoed.data) == (0x555, b"\xbe\xef")
+    sender.send(b"\xf1\x09")
+    sender.wait_reply(0x09)
+    assert sender.frames == []
+    assert app.counters()["tx"] == 1
+
+
+def test_echo_command_returns_the_frame_on_bus_0(harness, bus_factory):
+    app = harness.start("--iface", "can0", buses={"can0": bus_factory()})
+    client = GvretClient(app.port)
+    wait_until(lambda: any(c.streaming for c in app.hub.clients))
+    client.send(bytes.fromhex("F10B 34020000 00 02 AA55 00"))
+    (frame,) = client.wait_frames(1)
+    assert (frame.bus, frame.can_id, frame.extended, frame.data) == (0, 0x234, False, b"\xaa\x55")
