@@ -1,0 +1,531 @@
+"""The PostgreSQL writer: a bounded queue from the broker, batches, and no silent loss.
+
+Owns: the writer's queue (``deliver`` is the broker-facing side and never blocks), the
+``pg-writer`` thread that turns frames into rows and writes them in one transaction per batch
+(modes ``insert``, ``function``, ``copy``), reconnecting with exponential backoff, parking rows in
+the :class:`~wiretap.pg.spool.Spool` while the database is away and draining it oldest first,
+bisecting batches the database rejects for their content, and the writer's counters.
+
+Order is kept by one rule: the spool only ever holds frames older than everything in the queue
+(it is filled from the queue's head), and while it holds anything it is written first.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import logging
+import re
+import struct
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Sequence
+
+import psycopg2
+import psycopg2.extensions
+import psycopg2.extras
+
+from ..broker import DropReporter
+from ..frames import TX, Frame
+from .spool import ROW_OVERHEAD_BYTES, Row, Spool, row_cost
+
+if TYPE_CHECKING:
+    from ..config import PostgresConfig
+
+log = logging.getLogger("wiretap.pg")
+
+APPLICATION_NAME = "wiretap-server"
+STATEMENT_TIMEOUT = "10s"
+# Applied unless the DSN says otherwise: a dead host or a silently dropped connection must end
+# in an error the writer can act on, not in a thread blocked for minutes.
+CONNECTION_DEFAULTS = {
+    "connect_timeout": "5",
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "3",
+    "keepalives_count": "3",
+}
+BACKOFF_START_S = 0.5
+BACKOFF_MAX_S = 10.0
+HIGH_WATER_MARKS = (0.80, 0.95)
+# Above this fill level the queue's head moves to the spool even while the database is up (it is
+# slower than the bus): the queue must keep room for bursts, and the spool is far bigger.
+SPILL_FRACTION = 0.5
+SPOOL_CHUNK_ROWS = 20_000
+IDLE_WAIT_S = 0.5
+# SQLSTATE classes that blame the rows, not the connection: data exception, integrity
+# constraint, SQL routine / external routine / trigger exceptions, PL/pgSQL raise, check option.
+CONTENT_ERROR_CLASSES = frozenset({"22", "23", "2F", "38", "39", "P0", "44"})
+
+FUNC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
+
+COLUMNS = "ts, id, extended, dlc, is_fd, data_bytes, bus, dir"
+TS_SQL = "timestamptz 'epoch' + %s * interval '1 microsecond'"
+INSERT_SQL = f"INSERT INTO public.can_frame ({COLUMNS}) VALUES %s"
+INSERT_TEMPLATE = f"({TS_SQL}, %s, %s, %s, %s, %s, %s, %s)"
+# Casts, because a VALUES list takes its column types from literals and function resolution
+# finds no integer -> smallint path for _dlc.
+FUNCTION_TEMPLATE = (
+    f"({TS_SQL}, %s::integer, %s::boolean, %s::smallint, %s::boolean, %s::bytea, %s::integer,"
+    " %s::text)"
+)
+COPY_SQL = f"COPY public.can_frame ({COLUMNS}) FROM STDIN WITH (FORMAT binary)"
+
+COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
+COPY_TRAILER = struct.pack("!h", -1)
+PG_EPOCH_US = 946_684_800 * 1_000_000  # 2000-01-01T00:00:00Z, where binary timestamptz counts from
+COPY_ROW_HEAD = struct.Struct("!hiqiiiBihiBi")
+"""One binary COPY row up to the payload: field count (8), then ``int32 length`` + value for
+``ts`` (int8 µs since 2000-01-01), ``id`` (int4), ``extended`` (bool), ``dlc`` (int2), ``is_fd``
+(bool), and the length of ``data_bytes`` (whose bytes follow)."""
+COPY_ROW_BUS = struct.Struct("!ii")
+"""``bus``: length 4, int4 value. ``dir`` follows as a ready-made length + text field."""
+COPY_DIR_FIELD = {"rx": struct.pack("!i", 2) + b"rx", "tx": struct.pack("!i", 2) + b"tx"}
+
+
+class _Unavailable(Exception):
+    """The database failed (not the rows); the first ``done`` rows are committed or rejected."""
+
+    def __init__(self, done: int, reason: str) -> None:
+        super().__init__(reason)
+        self.done = done
+        self.reason = reason
+
+
+def mask_dsn(dsn: str) -> str:
+    """The DSN as ``key=value`` pairs with the password replaced by ``***``, for log lines."""
+    try:
+        params = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.Error:
+        return "<unparsable DSN>"
+    if "password" in params:
+        params["password"] = "***"
+    return " ".join(f"{key}={value}" for key, value in params.items())
+
+
+def quote_function_name(name: str) -> str:
+    """``schema.func`` as a quoted SQL identifier; ``ValueError`` unless it is a plain one."""
+    if not FUNC_NAME.fullmatch(name):
+        raise ValueError(f"not a plain or schema-qualified SQL identifier: {name!r}")
+    return ".".join(f'"{part}"' for part in name.split("."))
+
+
+def _reason(error: BaseException) -> str:
+    text = getattr(error, "pgerror", None) or str(error) or type(error).__name__
+    return text.strip().splitlines()[0]
+
+
+def _is_content_error(error: BaseException) -> bool:
+    if isinstance(error, (struct.error, OverflowError)):
+        return True  # a row that cannot even be encoded
+    code = getattr(error, "pgcode", None)
+    return bool(code) and code[:2] in CONTENT_ERROR_CLASSES
+
+
+class PgWriter:
+    """Consumer that stores every frame in PostgreSQL, or in the spool until it can."""
+
+    def __init__(self, cfg: PostgresConfig, default_dir: str) -> None:
+        self._dsn = cfg.dsn or ""
+        self._mode = cfg.mode
+        self._batch_size = cfg.batch_size
+        self._flush_interval = cfg.flush_interval
+        self._queue_size = cfg.queue_size
+        self._rx_dir = cfg.dir or default_dir
+        self._cache_path = cfg.cache_path
+        self._cache_max_bytes = int(cfg.cache_max_mb * 1024 * 1024)
+        self._write_batch: Callable[[Any, List[Row]], None] = {
+            "insert": self._insert,
+            "function": self._call_function,
+            "copy": self._copy,
+        }[cfg.mode]
+        if cfg.mode == "function":
+            self._function_sql = (
+                f"SELECT {quote_function_name(cfg.func)}"
+                "(v.ts, v.extended, v.is_fd, v.id, NULL::text, v.dlc, v.data_bytes, v.bus, v.dir)"
+                f" FROM (VALUES %s) AS v ({COLUMNS})"
+            )
+
+        self._queue: Deque[Frame] = collections.deque()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._stop_deadline = float("inf")
+        self._thread: Optional[threading.Thread] = None
+        self._spool: Optional[Spool] = None
+        self._conn: Optional[psycopg2.extensions.connection] = None
+
+        self._marks = [int(self._queue_size * fraction) for fraction in HIGH_WATER_MARKS]
+        self._next_mark = 0  # index into _marks of the next level to warn about
+        self._full_logged = False
+        self._queue_drops = DropReporter("PostgreSQL writer")
+        self._spill_level = int(self._queue_size * SPILL_FRACTION)
+
+        self._outage = False  # "database unavailable" already said for the current outage
+        self._draining = False
+        self._spool_full_logged = False
+        self._backoff = BACKOFF_START_S
+        self._next_attempt = 0.0
+        self._last_take = 0.0
+
+        self.enq = 0
+        self.wrote = 0
+        self.rejected = 0
+
+    # -- broker side (dispatcher thread) --------------------------------------------------------
+
+    def deliver(self, frames: Sequence[Frame]) -> None:
+        """Queue frames for the writer thread; drops and counts what does not fit. Never blocks."""
+        queue = self._queue
+        count = len(frames)
+        room = self._queue_size - len(queue)
+        if count > room:
+            room = max(room, 0)
+            self._queue_full(count - room)
+            frames = frames[:room]
+            count = room
+            if not count:
+                return
+        queue.extend(frames)
+        self.enq += count
+        length = len(queue)
+        if self._next_mark < len(self._marks) and length >= self._marks[self._next_mark]:
+            self._high_water(length)
+        # Wake the writer when a batch is complete or when it may be idle (the queue held only
+        # these frames); anything in between it collects at its flush deadline.
+        if length <= count or length >= self._batch_size:
+            self._wake.set()
+
+    def _high_water(self, length: int) -> None:
+        while self._next_mark < len(self._marks) and length >= self._marks[self._next_mark]:
+            log.warning(
+                "queue high water mark: %d %% (%d of %d frames)",
+                round(100 * HIGH_WATER_MARKS[self._next_mark]),
+                length,
+                self._queue_size,
+            )
+            self._next_mark += 1
+
+    def _queue_full(self, dropped: int) -> None:
+        if not self._full_logged:
+            self._full_logged = True
+            log.warning("queue FULL (%d frames), dropping new frames", self._queue_size)
+        self._queue_drops.add(dropped)
+
+    # -- control --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the spool (a previous run's leftovers are drained first) and start the thread."""
+        self._spool = Spool(self._cache_path, self._cache_max_bytes)
+        if self._spool.count:
+            log.info("spool %s holds %d frames from a previous run", self._cache_path,
+                     self._spool.count)  # fmt: skip
+        log.info(
+            "PostgreSQL writer: %s, mode=%s, batch_size=%d, flush_interval=%gs, spool=%s",
+            mask_dsn(self._dsn),
+            self._mode,
+            self._batch_size,
+            self._flush_interval,
+            self._cache_path,
+        )
+        self._thread = threading.Thread(target=self._run, name="pg-writer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 8.0) -> None:
+        """Write the queue to PostgreSQL, or to the spool if it is down; then stop the thread."""
+        if self._thread is None or not self._thread.is_alive():
+            return
+        # Keep a quarter of the time for parking whatever the database did not take.
+        self._stop_deadline = time.monotonic() + timeout * 0.75
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("pg-writer did not stop within %.1f s, %d frames still queued", timeout,
+                      len(self._queue))  # fmt: skip
+
+    def counters(self) -> Dict[str, int]:
+        """``spooled`` is the number of frames in the spool now; ``dropped`` includes rows the
+        database rejected (also in ``rejected``)."""
+        return {
+            "queued": len(self._queue),
+            "enq": self.enq,
+            "wrote": self.wrote,
+            "dropped": self._queue_drops.total + self.rejected,
+            "spooled": self._spool.count if self._spool else 0,
+            "conn": 1 if self._conn is not None else 0,
+            "rejected": self.rejected,
+        }
+
+    # -- writer thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._finished():
+                if self._next_mark and len(self._queue) < self._queue_size // 2:
+                    self._next_mark = 0
+                    self._full_logged = False
+                if (
+                    self._conn is None
+                    and not self._stopping.is_set()
+                    and time.monotonic() >= self._next_attempt
+                ):
+                    self._connect()
+                if self._conn is None:
+                    self._park_queue()
+                    if self._stopping.is_set():
+                        break
+                    wait = min(self._next_attempt - time.monotonic(), self._flush_interval)
+                    self._stopping.wait(max(wait, 0.01))
+                    continue
+                if len(self._queue) > self._spill_level:
+                    self._park_queue()
+                if self._spool.count:
+                    self._drain_batch()
+                    continue
+                batch = self._next_batch()
+                if batch:
+                    self._store(batch)
+        except Exception:
+            log.exception("pg-writer failed; parking the queue in the spool")
+        finally:
+            self._shutdown()
+
+    def _finished(self) -> bool:
+        if not self._stopping.is_set():
+            return False
+        if time.monotonic() >= self._stop_deadline:
+            return True
+        return not self._queue and (not self._spool.count or self._conn is None)
+
+    def _shutdown(self) -> None:
+        self._park_queue()
+        left = len(self._queue)
+        if left:
+            self._queue.clear()
+            self._queue_drops.total += left
+            log.error("dropped %d frames at shutdown: the spool is full", left)
+        self._disconnect()
+        self._spool.close()
+        log.info(
+            "pg-writer stopped: enq=%d wrote=%d spooled=%d dropped=%d",
+            self.enq,
+            self.wrote,
+            self._spool.count,
+            self._queue_drops.total + self.rejected,
+        )
+
+    def _next_batch(self) -> List[Frame]:
+        """Up to ``batch_size`` frames once it is full or ``flush_interval`` after its first."""
+        queue = self._queue
+        if not queue:
+            self._wake.clear()
+            if not queue and not self._stopping.is_set():
+                self._wake.wait(IDLE_WAIT_S)
+            if not queue:
+                return []
+            first_seen = time.monotonic()
+        else:
+            first_seen = self._last_take  # these arrived after the previous batch was taken
+        deadline = first_seen + self._flush_interval
+        while len(queue) < self._batch_size and not self._stopping.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._wake.clear()
+            if len(queue) < self._batch_size:
+                self._wake.wait(remaining)
+        self._last_take = time.monotonic()
+        popleft = queue.popleft
+        return [popleft() for _ in range(min(self._batch_size, len(queue)))]
+
+    def _to_rows(self, frames: Sequence[Frame]) -> List[Row]:
+        rx_dir = self._rx_dir
+        return [
+            (ts_ns // 1000, can_id, extended, len(data), fd, data, bus,
+             TX if direction == TX else rx_dir)
+            for bus, can_id, extended, _rtr, fd, _brs, _esi, data, ts_ns, direction, _origin
+            in frames
+        ]  # fmt: skip
+
+    def _store(self, frames: List[Frame]) -> None:
+        rows = self._to_rows(frames)
+        try:
+            self._write(rows)
+        except _Unavailable as failure:
+            self._lose_connection(failure.reason)
+            # The spool is empty here, so the failed rows become its oldest; what does not fit
+            # goes back to the front of the queue.
+            kept = self._spool_rows(rows[failure.done :])
+            self._queue.extendleft(reversed(frames[failure.done + kept :]))
+
+    def _drain_batch(self) -> None:
+        if not self._draining:
+            self._draining = True
+            log.info("draining %d cached frames to database", self._spool.count)
+        seqs, rows = self._spool.oldest(self._batch_size)
+        try:
+            self._write(rows)
+        except _Unavailable as failure:
+            self._spool.delete(seqs[: failure.done], rows[: failure.done])
+            self._lose_connection(failure.reason)
+            return
+        self._spool.delete(seqs, rows)
+        if not self._spool.count:
+            self._draining = False
+            log.info("cached frames drained, back to live ingest")
+
+    def _park_queue(self) -> None:
+        """Move frames from the queue's head to the spool, as many as it has room for."""
+        queue = self._queue
+        while queue:
+            room = self._spool.room_bytes()
+            frames = []
+            while queue and len(frames) < SPOOL_CHUNK_ROWS:
+                cost = ROW_OVERHEAD_BYTES + len(queue[0].data)
+                if cost > room:
+                    break
+                room -= cost
+                frames.append(queue.popleft())
+            if frames:
+                self._spool.append(self._to_rows(frames))
+            if queue and len(frames) < SPOOL_CHUNK_ROWS:
+                self._spool_full()
+                return
+
+    def _spool_rows(self, rows: List[Row]) -> int:
+        """Append as many of ``rows`` as fit; returns how many."""
+        room = self._spool.room_bytes()
+        count = 0
+        for row in rows:
+            room -= row_cost(row)
+            if room < 0:
+                break
+            count += 1
+        self._spool.append(rows[:count])
+        if count < len(rows):
+            self._spool_full()
+        return count
+
+    def _spool_full(self) -> None:
+        if not self._spool_full_logged:
+            self._spool_full_logged = True
+            log.error(
+                "spool %s is full (%d frames, %d MB); frames wait in the queue",
+                self._cache_path,
+                self._spool.count,
+                self._cache_max_bytes // (1024 * 1024),
+            )
+
+    # -- database -------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        try:
+            params = psycopg2.extensions.parse_dsn(self._dsn) if self._dsn else {}
+            extra = {key: value for key, value in CONNECTION_DEFAULTS.items() if key not in params}
+            conn = psycopg2.connect(self._dsn, application_name=APPLICATION_NAME, **extra)
+            with conn.cursor() as cur:
+                cur.execute("SET statement_timeout = %s", (STATEMENT_TIMEOUT,))
+            conn.commit()
+        except psycopg2.Error as error:
+            self._lose_connection(_reason(error))
+            return
+        self._conn = conn
+        log.info("connected to PostgreSQL: %s", mask_dsn(self._dsn))
+
+    def _disconnect(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(psycopg2.Error):
+                self._conn.close()
+            self._conn = None
+
+    def _lose_connection(self, reason: str) -> None:
+        self._disconnect()
+        self._draining = False
+        if not self._outage:
+            self._outage = True
+            log.warning("database unavailable, caching frames to disk: %s", reason)
+        else:
+            log.debug("database still unavailable: %s", reason)
+        self._next_attempt = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
+
+    def _write(self, rows: List[Row]) -> None:
+        """Commit ``rows`` (bisecting around rows the database rejects); ``_Unavailable`` when
+        the database fails, telling how many leading rows are already done."""
+        self._write_range(rows, 0, len(rows))
+        if self._outage:
+            self._outage = False
+            log.info("database available again")
+        self._backoff = BACKOFF_START_S
+        self._spool_full_logged = False
+
+    def _write_range(self, rows: List[Row], lo: int, hi: int) -> None:
+        conn = self._conn
+        batch = rows[lo:hi]
+        try:
+            with conn.cursor() as cur:
+                self._write_batch(cur, batch)
+            conn.commit()
+        except Exception as error:
+            if not self._rollback() or not _is_content_error(error):
+                if isinstance(error, psycopg2.Error):
+                    raise _Unavailable(lo, _reason(error)) from error
+                raise
+            if hi - lo == 1:
+                self._reject(batch[0], error)
+            else:
+                middle = (lo + hi) // 2
+                self._write_range(rows, lo, middle)
+                self._write_range(rows, middle, hi)
+            return
+        self.wrote += len(batch)
+
+    def _rollback(self) -> bool:
+        """Roll back after a failed batch; ``False`` when the connection is gone."""
+        try:
+            self._conn.rollback()
+        except psycopg2.Error:
+            return False
+        return not self._conn.closed
+
+    def _reject(self, row: Row, error: BaseException) -> None:
+        self.rejected += 1
+        ts_us, can_id, extended, _dlc, is_fd, data, bus, direction = row
+        log.error(
+            "database rejected frame bus=%d id=%0*X%s [%d] %s ts_us=%d dir=%s: %s",
+            bus,
+            8 if extended else 3,
+            can_id,
+            " FD" if is_fd else "",
+            len(data),
+            data.hex().upper(),
+            ts_us,
+            direction,
+            _reason(error),
+        )
+
+    def _insert(self, cur: Any, rows: List[Row]) -> None:
+        psycopg2.extras.execute_values(
+            cur, INSERT_SQL, rows, template=INSERT_TEMPLATE, page_size=len(rows)
+        )
+
+    def _call_function(self, cur: Any, rows: List[Row]) -> None:
+        psycopg2.extras.execute_values(
+            cur, self._function_sql, rows, template=FUNCTION_TEMPLATE, page_size=len(rows)
+        )
+
+    def _copy(self, cur: Any, rows: List[Row]) -> None:
+        pack_head = COPY_ROW_HEAD.pack
+        pack_bus = COPY_ROW_BUS.pack
+        dir_field = COPY_DIR_FIELD
+        parts = [COPY_HEADER]
+        append = parts.append
+        for ts_us, can_id, extended, dlc, is_fd, data, bus, direction in rows:
+            append(pack_head(8, 8, ts_us - PG_EPOCH_US, 4, can_id, 1, extended, 2, dlc, 1, is_fd,
+                             dlc))  # fmt: skip
+            append(data)
+            append(pack_bus(4, bus))
+            append(dir_field[direction])
+        append(COPY_TRAILER)
+        cur.copy_expert(COPY_SQL, io.BytesIO(b"".join(parts)), size=1 << 20)
