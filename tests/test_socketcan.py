@@ -1,0 +1,214 @@
+"""The SocketCAN reader through its seam, and the pure pieces the kernel tier cannot show here."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import struct
+import threading
+import time
+from typing import List
+
+from harness import wait_until
+
+from wiretap.frames import CAN_ERR_BUSOFF, CAN_ERR_FLAG, CAN_FRAME, TX, Frame, make_frame
+from wiretap.sources import TransmitResult
+from wiretap.sources.socketcan import (
+    MSG_CONFIRM,
+    MSG_DONTROUTE,
+    SO_RXQ_OVFL,
+    SO_TIMESTAMP,
+    TIMEVAL_32,
+    TIMEVAL_64,
+    SocketCanSource,
+    direction_of,
+    parse_ancillary,
+)
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.frames: List[Frame] = []
+        self.batches = 0
+
+    def __call__(self, frames: List[Frame]) -> None:
+        self.frames.extend(frames)
+        self.batches += 1
+
+
+def started(source: SocketCanSource) -> Collector:
+    collector = Collector()
+    source.start(collector)
+    return collector
+
+
+def test_direction_from_msg_flags():
+    assert direction_of(0, "rx") == "rx"
+    assert direction_of(0, "tx") == "tx"
+    assert direction_of(MSG_DONTROUTE, "rx") == TX
+    assert direction_of(MSG_CONFIRM, "rx") == TX
+    assert direction_of(MSG_CONFIRM | MSG_DONTROUTE, "rx") == TX
+
+
+def test_ancillary_timestamps_in_both_time_t_layouts():
+    ts64 = [(socket.SOL_SOCKET, SO_TIMESTAMP, TIMEVAL_64.pack(1_700_000_000, 123_456))]
+    ts32 = [(socket.SOL_SOCKET, SO_TIMESTAMP, TIMEVAL_32.pack(1_700_000_000, 654_321))]
+    assert parse_ancillary(ts64) == (1_700_000_000_123_456_000, None)
+    assert parse_ancillary(ts32) == (1_700_000_000_654_321_000, None)
+    drops = [(socket.SOL_SOCKET, SO_RXQ_OVFL, struct.pack("=I", 42))]
+    assert parse_ancillary(ts64 + drops) == (1_700_000_000_123_456_000, 42)
+    assert parse_ancillary([]) == (None, None)
+
+
+def test_reader_decodes_classic_and_fd_with_the_kernel_timestamp(bus_factory):
+    bus = bus_factory()
+    source = SocketCanSource("can0", 3, can_fd=True, open_socket=lambda: bus.reader_end)
+    collector = started(source)
+    try:
+        before = time.time_ns()
+        bus.send(make_frame(0, 0x123, b"\x11\x22"))
+        bus.send(make_frame(0, 0x1FFFFFFF, bytes(range(64)), fd=True, brs=True, esi=True))
+        bus.send(make_frame(0, 0x7FF, b"", rtr=True))
+        after = time.time_ns()
+        wait_until(lambda: len(collector.frames) == 3)
+    finally:
+        source.stop()
+        source.join(5)
+    classic, fd, rtr = collector.frames
+    assert (classic.bus, classic.can_id, classic.extended, classic.data, classic.fd) == (
+        3,
+        0x123,
+        False,
+        b"\x11\x22",
+        False,
+    )
+    assert (fd.can_id, fd.extended, fd.fd, fd.brs, fd.esi, fd.data) == (
+        0x1FFFFFFF,
+        True,
+        True,
+        True,
+        True,
+        bytes(range(64)),
+    )
+    assert (rtr.rtr, rtr.data) == (True, b"")
+    # SO_TIMESTAMP is microsecond resolution: the bounds are rounded to it.
+    for frame in collector.frames:
+        assert before // 1000 * 1000 <= frame.ts_ns <= after
+        assert frame.direction == "rx"
+    assert source.frames_read == 3
+
+
+def test_error_frames_are_counted_not_published_and_bus_off_logged_once(bus_factory, caplog):
+    bus = bus_factory()
+    source = SocketCanSource("can0", 0, open_socket=lambda: bus.reader_end)
+    collector = started(source)
+    busoff = CAN_FRAME.pack(CAN_ERR_FLAG | CAN_ERR_BUSOFF, 8, 0, bytes(8))
+    try:
+        with caplog.at_level(logging.WARNING, logger="wiretap.socketcan"):
+            for _ in range(3):
+                bus.send_raw(busoff)
+            bus.send(make_frame(0, 0x100, b"\x01"))
+            wait_until(lambda: len(collector.frames) == 1)
+    finally:
+        source.stop()
+        source.join(5)
+    assert source.error_frames == 3
+    assert [r.getMessage() for r in caplog.records if "bus-off" in r.getMessage()] == [
+        "can0: controller is bus-off"
+    ]
+
+
+def test_datagrams_of_other_sizes_are_ignored(bus_factory):
+    bus = bus_factory()
+    source = SocketCanSource("can0", 0, open_socket=lambda: bus.reader_end)
+    collector = started(source)
+    try:
+        bus.send_raw(b"\x00" * 15)
+        bus.send(make_frame(0, 0x100, b"\x01"))
+        wait_until(lambda: len(collector.frames) == 1)
+    finally:
+        source.stop()
+        source.join(5)
+    assert collector.frames[0].can_id == 0x100
+
+
+def test_missing_interface_is_waited_for_and_logged_once(bus_factory, caplog):
+    bus = bus_factory()
+    attempts = []
+
+    def open_socket() -> socket.socket:
+        attempts.append(time.monotonic())
+        if len(attempts) < 3:
+            raise OSError(errno.ENODEV, "No such device")
+        return bus.reader_end
+
+    source = SocketCanSource("can9", 0, open_socket=open_socket)
+    with caplog.at_level(logging.INFO, logger="wiretap.socketcan"):
+        collector = started(source)
+        try:
+            bus.send(make_frame(0, 0x100, b"\x01"))
+            wait_until(lambda: len(collector.frames) == 1)
+        finally:
+            source.stop()
+            source.join(5)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("can9: cannot open (no such interface)" in m for m in messages) == 1
+    assert sum("can9: interface is back, reading again" in m for m in messages) == 1
+    assert len(attempts) == 3
+
+
+def test_transmit_writes_can_frame_bytes(bus_factory):
+    bus = bus_factory()
+    source = SocketCanSource("can0", 0, open_socket=lambda: bus.reader_end)
+    started(source)
+    try:
+        wait_until(lambda: source._sock is not None)
+        result = source.transmit(make_frame(0, 0x18DAF110, b"\x02\x01\x0c", extended=True), 7)
+        assert result is TransmitResult.SENT
+        assert bus.receive() == CAN_FRAME.pack(0x80000000 | 0x18DAF110, 3, 0, b"\x02\x01\x0c")
+        refused = source.transmit(make_frame(0, 0x100, bytes(12), fd=True), 7)
+        assert refused is TransmitResult.REFUSED
+    finally:
+        source.stop()
+        source.join(5)
+    assert (source.tx, source.tx_fail) == (1, 0)
+
+
+def test_transmit_on_a_full_queue_is_dropped_and_counted(bus_factory):
+    bus = bus_factory()
+    source = SocketCanSource("can0", 0, open_socket=lambda: bus.reader_end)
+    started(source)
+    try:
+        wait_until(lambda: source._sock is not None)
+        frame = make_frame(0, 0x100, b"\x01")
+        results = []
+        while TransmitResult.BUSY not in results and len(results) < 10_000:
+            results.append(source.transmit(frame, 1))  # nobody reads the other end
+        results += [source.transmit(frame, 1) for _ in range(2)]
+    finally:
+        source.stop()
+        source.join(5)
+    sent = results.count(TransmitResult.SENT)
+    assert results[sent:] == [TransmitResult.BUSY] * 3
+    assert (source.tx, source.tx_fail) == (sent, 3)
+
+
+def test_transmit_without_an_interface_reports_down(caplog):
+    never = threading.Event()
+
+    def open_socket() -> socket.socket:
+        never.wait(0.01)
+        raise OSError(errno.ENODEV, "No such device")
+
+    source = SocketCanSource("can7", 0, open_socket=open_socket)
+    started(source)
+    try:
+        with caplog.at_level(logging.WARNING, logger="wiretap.socketcan"):
+            results = [source.transmit(make_frame(0, 0x100, b"\x01"), 1) for _ in range(3)]
+    finally:
+        source.stop()
+        source.join(5)
+    assert results == [TransmitResult.DOWN] * 3
+    assert source.tx_fail == 3
+    assert sum("transmit dropped" in r.getMessage() for r in caplog.records) == 1
