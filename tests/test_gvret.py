@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import random
 import struct
+import sys
 from typing import List, NamedTuple, Optional
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wiretap.frames import FD_LENGTHS, Frame, make_frame
+from wiretap.frames import CAN_RTR_FLAG, FD_LENGTHS, Frame, decode, make_frame
 from wiretap.gvret import (
     DISABLED_BUS,
     BadTransmit,
@@ -583,9 +584,7 @@ def test_empty_batch() -> None:
 
 
 def test_rtr_frame_from_the_kernel_goes_with_length_0() -> None:
-    from wiretap.frames import CAN_RTR_FLAG, decode
-
-    raw = (0x123 | CAN_RTR_FLAG).to_bytes(4, "little") + bytes((4, 0, 0, 0)) + bytes(8)
+    raw = (0x123 | CAN_RTR_FLAG).to_bytes(4, sys.byteorder) + bytes((4, 0, 0, 0)) + bytes(8)
     frame = decode(raw, 1, START_NS + 0x10 * 1000)
     assert frame.rtr is True
     for dialect in Dialect:
