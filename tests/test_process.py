@@ -1,0 +1,170 @@
+"""The real program as a user runs it: ./wiretap-server.py in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import List
+
+import pytest
+from gvret_client import SAVVYCAN_HELLO, GvretClient
+
+from wiretap.sources.replay import read_log
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_LOG = ROOT / "examples" / "demo.log"
+
+
+class ServerProcess:
+    """wiretap-server.py with stderr collected; ``port`` is read from its start-up line."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "wiretap-server.py"), "--host", "127.0.0.1", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.lines: List[str] = []
+        self._port = threading.Event()
+        self.port = 0
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+            match = re.search(r"listening on [^ ]+:(\d+) ", line)
+            if match:
+                self.port = int(match.group(1))
+                self._port.set()
+
+    def wait_listening(self) -> int:
+        assert self._port.wait(20), "\n".join(self.lines)
+        return self.port
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def processes():
+    started: List[ServerProcess] = []
+
+    def start(*args: str) -> ServerProcess:
+        process = ServerProcess(*args)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+def test_demo_replay_reaches_savvycan_with_every_frame_and_its_timing(processes):
+    speed = 20
+    log = read_log(str(DEMO_LOG))
+    server = processes(
+        "--iface", f"replay:{DEMO_LOG}", "--can-fd", "--replay-speed", str(speed),
+        "--replay-loop", "--port", "0", "--stats-interval", "0",
+    )  # fmt: skip
+    client = GvretClient(server.wait_listening(), hello=SAVVYCAN_HELLO)
+    client.send(b"\xf1\x0d")
+    client.wait_reply(0x06)
+    client.wait_reply(0x0D)
+    # SavvyCAN is in the classic dialect: FD frames above 8 bytes are not sent to it.
+    expected = [
+        (0 if line.iface == "can0" else 1, line.frame.can_id, line.frame.data, line.ts_ns)
+        for line in log
+        if len(line.frame.data) <= 8
+    ]
+    keepalives = 0
+    deadline = time.monotonic() + 60
+    while len(client.frames) < 2 * len(expected) + 50 and time.monotonic() < deadline:
+        client.send(b"\xf1\x09")  # SavvyCAN's 250 ms tick, faster
+        keepalives += 1
+        time.sleep(0.05)
+    client.wait_reply(0x09, keepalives)
+    received = [(f.bus, f.can_id, f.data) for f in client.frames]
+    wanted = [entry[:3] for entry in expected]
+    starts = [
+        i for i in range(len(received) - len(wanted) + 1) if received[i : i + len(wanted)] == wanted
+    ]
+    assert starts, "no complete pass of the log arrived in order"
+    window = client.frames[starts[0] : starts[0] + len(wanted)]
+    first_us, first_log_ns = window[0].ts_us, expected[0][3]
+    for got, (_, _, _, log_ns) in zip(window, expected):
+        log_delta_us = (log_ns - first_log_ns) / 1000 / speed
+        assert abs((got.ts_us - first_us) % 2**32 - log_delta_us) <= 1
+    assert server.stop() == 0
+
+
+def test_sigterm_stops_cleanly_with_exit_0(processes):
+    server = processes("--iface", f"replay:{DEMO_LOG}", "--port", "0", "--stats-interval", "0")
+    client = GvretClient(server.wait_listening(), hello=SAVVYCAN_HELLO)
+    client.wait_reply(0x09)
+    assert server.stop(signal.SIGTERM, timeout=10) == 0
+    assert client.closed.wait(5)
+    assert any("SIGTERM: shutting down" in line for line in server.lines)
+    assert any(line.split(": ", 1)[-1].startswith("stats rx=") for line in server.lines)
+
+
+def test_sigint_stops_cleanly_too(processes):
+    server = processes("--iface", f"replay:{DEMO_LOG}", "--port", "0")
+    server.wait_listening()
+    assert server.stop(signal.SIGINT) == 0
+
+
+def test_port_taken_is_one_clear_line_and_exit_1(processes):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = processes("--iface", f"replay:{DEMO_LOG}", "--port", str(port))
+        assert server.proc.wait(20) == 1
+    server._reader.join(5)
+    errors = [line for line in server.lines if "ERROR" in line]
+    assert len(errors) == 1
+    assert f"cannot listen on 127.0.0.1:{port}: the port is already in use" in errors[0]
+
+
+def test_too_many_buses_is_a_configuration_error(processes, tmp_path):
+    log = tmp_path / "wide.log"
+    log.write_text("".join(f"(1700000000.000000) can{i} 100#01\n" for i in range(4)))
+    server = processes("--iface", f"replay:{log}", "--bus-offset", "14", "--port", "0")
+    assert server.proc.wait(20) == 2
+    server._reader.join(5)
+    assert any("GVRET has 16" in line for line in server.lines)
+
+
+def test_stats_line_reports_what_was_read(processes, tmp_path):
+    log = tmp_path / "three.log"
+    log.write_text("".join(f"(1700000000.00000{i}) can0 10{i}#0{i}\n" for i in range(3)))
+    server = processes("--iface", f"replay:{log}", "--port", "0", "--stats-interval", "0.2")
+    server.wait_listening()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not any(" rx=3 " in line for line in server.lines):
+        time.sleep(0.05)
+    line = next(line for line in server.lines if " rx=3 " in line)
+    assert re.search(
+        r"stats rx=3 fps=[\d.]+ clients=0 client_drops=0 kernel_drops=0 tx=0 tx_fail=0 "
+        r"queued=0 enq=0 wrote=0 dropped=0 spooled=0 conn=0$",
+        line,
+    ), line
+    assert server.stop() == 0
