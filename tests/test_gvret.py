@@ -355,15 +355,15 @@ def test_transmit_non_fd_length_is_refused_and_stream_stays_in_step(length: int)
 
 @pytest.mark.parametrize("length", [65, 100, 255])
 def test_transmit_length_over_64_is_refused_and_next_command_parses(length: int) -> None:
+    # The length still says where the message ends: its payload is skipped, never parsed as
+    # commands, even when it holds F1 09.
     header = h("F1 00") + struct.pack("<IBB", 0x123, 0, length)
-    events = parse(header + h("F1 09"))
+    payload = (h("F1 09") * 128)[:length] + h("00")
+    events = parse(header + payload + h("F1 0C"))
     assert len(events) == 2
     assert isinstance(events[0], BadTransmit)
-    assert events[1] == Query(0x09)
-    events = parse(header + bytes(length + 1) + h("F1 09"))
-    assert len(events) == 2
-    assert isinstance(events[0], BadTransmit)
-    assert events[1] == Query(0x09)
+    assert events[1] == Query(0x0C)
+    assert parse(header + payload[:-1]) == []
 
 
 @pytest.mark.parametrize(
@@ -429,7 +429,7 @@ CORPUS = b"".join(
         transmit_bytes(0xE7, 0, h("F1 0C F1 09"), cmd=0x0B),
         transmit_bytes(0x123, 0, bytes(9)),
         transmit_bytes(0x800, 0, h("F1 09")),
-        h("F1 00") + struct.pack("<IBB", 0x123, 0, 200),
+        h("F1 00") + struct.pack("<IBB", 0x123, 0, 200) + h("F1 09") * 100 + h("00"),
         h("F1 09"),
         transmit_bytes(0x10, 0, b""),
     ]
@@ -708,7 +708,7 @@ def transmit_messages(draw: st.DrawFn) -> bytes:
 
 
 over_long_transmits = st.integers(65, 255).map(
-    lambda length: h("F1 00") + struct.pack("<IBB", 0x123, 0, length)
+    lambda length: h("F1 00") + struct.pack("<IBB", 0x123, 0, length) + bytes(length + 1)
 )
 queries = st.sampled_from([1, 2, 3, 6, 7, 9, 0x0C, 0x0D, 0x16]).map(lambda cmd: bytes((0xF1, cmd)))
 settings_messages = st.sampled_from([(4, 1), (5, 8), (8, 1), (0x0A, 1), (0x0E, 12)]).flatmap(

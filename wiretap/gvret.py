@@ -190,15 +190,11 @@ class ClientParser:
             events.append(Setting(self._cmd, bytes(self._buf)))
             self._state = _State.IDLE
         elif state is _State.TRANSMIT_HEADER:
-            raw_id, bus, length = TRANSMIT_HEADER.unpack(self._buf)
-            if length > MAX_TRANSMIT_LENGTH:
-                # The length is all we have to find the message's end: no way to stay in step
-                # but to drop it and let the idle state skip whatever follows.
-                events.append(BadTransmit(f"length {length} is over {MAX_TRANSMIT_LENGTH}"))
-                self._state = _State.IDLE
-                return
-            self._header = (raw_id, bus, length)
-            self._collect(_State.TRANSMIT_BODY, length + 1)
+            self._header = TRANSMIT_HEADER.unpack(self._buf)
+            # Even a length no CAN frame has (up to 255) says where the message ends: read it
+            # all, so a client with a bad length stays in step and its payload is never parsed
+            # as commands.
+            self._collect(_State.TRANSMIT_BODY, self._header[2] + 1)
         else:
             events.append(self._transmit_event(bytes(self._buf[:-1])))
             self._state = _State.IDLE
@@ -210,6 +206,8 @@ class ClientParser:
         if can_id > (0x1FFFFFFF if extended else 0x7FF):
             kind = "29" if extended else "11"
             return BadTransmit(f"ID 0x{can_id:X} does not fit {kind} bits")
+        if length > MAX_TRANSMIT_LENGTH:
+            return BadTransmit(f"length {length} is over {MAX_TRANSMIT_LENGTH}")
         if length > 8 and not is_valid_fd_length(length):
             return BadTransmit(f"length {length} is not a CAN FD length")
         return Transmit(bus, can_id, extended, data, self._cmd == CMD_ECHO_FRAME)
