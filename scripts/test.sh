@@ -2,8 +2,7 @@
 # The repo's full test command: the host tier with pytest, then the vcan tier.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q -r requirements-dev.txt
+scripts/install.sh --dev
 .venv/bin/python -m pytest "$@"
 
 # --- vcan tier (tests/kernel, issue 4): real SocketCAN in a VM, or here if the kernel has vcan ---
