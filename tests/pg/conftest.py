@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from pathlib import Path
 from typing import Callable, Iterator, List
 
-import psycopg2
 import pytest
 from pgcluster import PgCluster
 
 from wiretap.config import PostgresConfig
 from wiretap.pg.writer import PgWriter
-
-WAIT_S = 15.0
 
 
 @pytest.fixture(scope="session")
@@ -33,29 +29,6 @@ def pg(pg_cluster: PgCluster) -> Iterator[PgCluster]:
         pg_cluster.start()
     pg_cluster.psql("-c", "truncate public.can_frame restart identity")
     yield pg_cluster
-
-
-def fetch(dsn: str, query: str, params: tuple = ()) -> List[tuple]:
-    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
-        cur.execute(query, params)
-        rows = [
-            tuple(bytes(value) if isinstance(value, memoryview) else value for value in row)
-            for row in cur.fetchall()
-        ]
-    conn.close()
-    return rows
-
-
-def wait_for(condition: Callable[[], object], what: str, timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def row_count(dsn: str) -> int:
-    return fetch(dsn, "select count(*) from public.can_frame")[0][0]
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import fetch
+from pg_helpers import fetch
 from pgcluster import PgClusterError
 
 pytestmark = pytest.mark.pg

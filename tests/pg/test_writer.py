@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import List
 
 import pytest
-from conftest import fetch, row_count, wait_for  # tests/pg/conftest.py
+from pg_helpers import fetch, row_count, wait_for
 
 from wiretap.frames import Frame, make_frame
 

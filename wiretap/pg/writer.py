@@ -17,6 +17,7 @@ import contextlib
 import io
 import logging
 import re
+import sqlite3
 import struct
 import threading
 import time
@@ -54,6 +55,10 @@ HIGH_WATER_MARKS = (0.80, 0.95)
 SPILL_FRACTION = 0.5
 SPOOL_CHUNK_ROWS = 20_000
 IDLE_WAIT_S = 0.5
+# A func that rejects everything must not flood the journal: rejected frames are logged one by one
+# up to this many per interval (all of them are counted).
+REJECT_LOG_BURST = 20
+REJECT_LOG_INTERVAL_S = 10.0
 # SQLSTATE classes that blame the rows, not the connection: data exception, integrity
 # constraint, SQL routine / external routine / trigger exceptions, PL/pgSQL raise, check option.
 CONTENT_ERROR_CLASSES = frozenset({"22", "23", "2F", "38", "39", "P0", "44"})
@@ -135,9 +140,10 @@ def _reason(error: BaseException) -> str:
 
 
 def _is_content_error(error: BaseException) -> bool:
-    if isinstance(error, (struct.error, OverflowError)):
+    """Whether a failed batch is the rows' fault (bisect it) rather than the database's."""
+    if not isinstance(error, psycopg2.Error):
         return True  # a row that cannot even be encoded
-    code = getattr(error, "pgcode", None)
+    code = error.pgcode
     return bool(code) and code[:2] in CONTENT_ERROR_CLASSES
 
 
@@ -187,6 +193,9 @@ class PgWriter:
         self._backoff = BACKOFF_START_S
         self._next_attempt = 0.0
         self._last_take = 0.0
+        self._reject_window_start = float("-inf")
+        self._reject_logged = 0
+        self._reject_unlogged = 0
 
         self.enq = 0
         self.wrote = 0
@@ -282,34 +291,45 @@ class PgWriter:
     def _run(self) -> None:
         try:
             while not self._finished():
-                if self._next_mark and len(self._queue) < self._queue_size // 2:
-                    self._next_mark = 0
-                    self._full_logged = False
-                if (
-                    self._conn is None
-                    and not self._stopping.is_set()
-                    and time.monotonic() >= self._next_attempt
-                ):
-                    self._connect()
-                if self._conn is None:
-                    self._park_queue()
-                    if self._stopping.is_set():
+                try:
+                    if self._step():
                         break
-                    wait = min(self._next_attempt - time.monotonic(), self._flush_interval)
-                    self._stopping.wait(max(wait, 0.01))
-                    continue
-                if len(self._queue) > self._spill_level:
-                    self._park_queue()
-                if self._spool.count:
-                    self._drain_batch()
-                    continue
-                batch = self._next_batch()
-                if batch:
-                    self._store(batch)
-        except Exception:
-            log.exception("pg-writer failed; parking the queue in the spool")
+                except Exception:
+                    # A bug or a broken spool must not end ingest for good: log it, start over
+                    # with a fresh connection, and keep the frames where they are.
+                    log.exception("pg-writer hit an unexpected error; retrying in 1 s")
+                    self._disconnect()
+                    self._stopping.wait(1.0)
         finally:
             self._shutdown()
+
+    def _step(self) -> bool:
+        """One round of the writer's work; ``True`` when it is time to stop."""
+        if self._next_mark and len(self._queue) < self._queue_size // 2:
+            self._next_mark = 0
+            self._full_logged = False
+        if (
+            self._conn is None
+            and not self._stopping.is_set()
+            and time.monotonic() >= self._next_attempt
+        ):
+            self._connect()
+        if self._conn is None:
+            self._park_queue()
+            if self._stopping.is_set():
+                return True
+            wait = min(self._next_attempt - time.monotonic(), self._flush_interval)
+            self._stopping.wait(max(wait, 0.01))
+            return False
+        if len(self._queue) > self._spill_level:
+            self._park_queue()
+        if self._spool.count:
+            self._drain_batch()
+            return False
+        batch = self._next_batch()
+        if batch:
+            self._store(batch)
+        return False
 
     def _finished(self) -> bool:
         if not self._stopping.is_set():
@@ -407,8 +427,9 @@ class PgWriter:
                     break
                 room -= cost
                 frames.append(queue.popleft())
-            if frames:
-                self._spool.append(self._to_rows(frames))
+            if frames and not self._spool_append(self._to_rows(frames)):
+                queue.extendleft(reversed(frames))
+                return
             if queue and len(frames) < SPOOL_CHUNK_ROWS:
                 self._spool_full()
                 return
@@ -422,10 +443,22 @@ class PgWriter:
             if room < 0:
                 break
             count += 1
-        self._spool.append(rows[:count])
+        if not self._spool_append(rows[:count]):
+            return 0
         if count < len(rows):
             self._spool_full()
         return count
+
+    def _spool_append(self, rows: List[Row]) -> bool:
+        try:
+            self._spool.append(rows)
+        except sqlite3.Error as error:
+            # e.g. the disk is full: the frames stay in the queue, which is bounded and counted.
+            if not self._spool_full_logged:
+                self._spool_full_logged = True
+                log.error("cannot write spool %s: %s", self._cache_path, error)
+            return False
+        return True
 
     def _spool_full(self) -> None:
         if not self._spool_full_logged:
@@ -489,9 +522,7 @@ class PgWriter:
             conn.commit()
         except Exception as error:
             if not self._rollback() or not _is_content_error(error):
-                if isinstance(error, psycopg2.Error):
-                    raise _Unavailable(lo, _reason(error)) from error
-                raise
+                raise _Unavailable(lo, _reason(error)) from error
             if hi - lo == 1:
                 self._reject(batch[0], error)
             else:
@@ -511,6 +542,17 @@ class PgWriter:
 
     def _reject(self, row: Row, error: BaseException) -> None:
         self.rejected += 1
+        now = time.monotonic()
+        if now - self._reject_window_start >= REJECT_LOG_INTERVAL_S:
+            if self._reject_unlogged:
+                log.error("%d more rejected frames were not logged one by one",
+                          self._reject_unlogged)  # fmt: skip
+            self._reject_window_start = now
+            self._reject_logged = self._reject_unlogged = 0
+        if self._reject_logged >= REJECT_LOG_BURST:
+            self._reject_unlogged += 1
+            return
+        self._reject_logged += 1
         ts_us, can_id, extended, _dlc, is_fd, data, bus, direction = row
         log.error(
             "database rejected frame bus=%d id=%0*X%s [%d] %s ts_us=%d dir=%s: %s",

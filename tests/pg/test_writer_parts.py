@@ -1,0 +1,50 @@
+"""Writer parts that need no database: DSN masking, the func guard, timestamp text."""
+
+from __future__ import annotations
+
+import pytest
+
+from wiretap.pg.writer import TimestampText, mask_dsn, quote_function_name
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://candor:s3cret@db.example:5432/candor",
+        "host=db.example user=candor password=s3cret dbname=candor",
+    ],
+)
+def test_mask_dsn_hides_the_password_only(dsn):
+    masked = mask_dsn(dsn)
+    assert "s3cret" not in masked
+    assert "password=***" in masked
+    assert "host=db.example" in masked and "user=candor" in masked
+
+
+def test_mask_dsn_without_password_and_unparsable():
+    assert mask_dsn("host=/tmp dbname=x") == "dbname=x host=/tmp"
+    assert mask_dsn("password='unterminated") == "<unparsable DSN>"
+
+
+@pytest.mark.parametrize(
+    ("name", "quoted"),
+    [("public.ingest_can_frame", '"public"."ingest_can_frame"'), ("my_func2", '"my_func2"')],
+)
+def test_function_names_are_quoted(name, quoted):
+    assert quote_function_name(name) == quoted
+
+
+@pytest.mark.parametrize(
+    "name", ["f(); drop table can_frame", "a.b.c", "1func", 'x"y', "public.", ""]
+)
+def test_anything_but_an_identifier_is_refused(name):
+    with pytest.raises(ValueError):
+        quote_function_name(name)
+
+
+def test_timestamp_text_is_utc_with_microseconds():
+    text = TimestampText()
+    assert text(1_700_000_000_000_001) == "2023-11-14 22:13:20.000001+00"
+    assert text(1_700_000_000_999_999) == "2023-11-14 22:13:20.999999+00"
+    assert text(1_700_000_001_000_000) == "2023-11-14 22:13:21.000000+00"
+    assert text(0) == "1970-01-01 00:00:00.000000+00"
