@@ -1,0 +1,570 @@
+"""The WireTAP benchmark: drives the real server and prints throughput, latency, loss and cost.
+
+Owns: the measurement plan (which phases run, at which rates, with how many clients), the search
+for ``max_fps``, the figures table and its JSON form. The processes it drives live in
+bench/roles.py; the throw-away PostgreSQL comes from tests/pgcluster.py.
+
+    python bench/run.py                 # full run (a few minutes), PostgreSQL figures included
+    python bench/run.py --quick         # smoke run (< 30 s): loss must be 0 at a modest rate
+    python bench/run.py --no-pg --json figures.json
+
+Rates are asked of the feeder; a phase passes when the feeder achieved at least 97 % of the asked
+rate (the seam is blocking, so a reader that falls behind slows the feeder rather than losing
+frames) and every client received every frame, in order (and, with PostgreSQL, every row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from bench import roles  # noqa: E402
+
+BUS_FPS = 8700  # a saturated 1 Mbit/s classic CAN bus with 8-byte frames
+ACHIEVED_FRACTION = 0.97
+DRAIN_IDLE_S = 2.0
+SERVER_ARGS = ["--host", "127.0.0.1", "--port", "0", "--stats-interval", "0", "--log-level"]
+
+
+@dataclass
+class Phase:
+    """What one feeding phase measured."""
+
+    clients: int
+    asked_fps: int  # 0: as fast as the seam takes frames
+    fed: int = 0
+    achieved_fps: float = 0.0
+    loss: List[int] = field(default_factory=list)
+    order_errors: int = 0
+    client_errors: List[str] = field(default_factory=list)
+    server_drops: int = 0
+    db_loss: Optional[int] = None
+    server_cpu_pct: float = 0.0
+    feeder_cpu_pct: float = 0.0
+    clients_cpu_pct: float = 0.0
+    lat_p50_ms: Optional[float] = None
+    lat_p99_ms: Optional[float] = None
+    keepalive_p50_ms: Optional[float] = None
+    keepalive_p99_ms: Optional[float] = None
+    keepalives: int = 0
+
+    @property
+    def lossless(self) -> bool:
+        return (
+            not any(self.loss)
+            and not self.order_errors
+            and not self.client_errors
+            and not self.db_loss
+        )
+
+    @property
+    def passed(self) -> bool:
+        kept_pace = not self.asked_fps or self.achieved_fps >= ACHIEVED_FRACTION * self.asked_fps
+        return self.lossless and kept_pace
+
+    @property
+    def bound(self) -> str:
+        """Which process most likely set the pace: the busiest one, if it used a whole core."""
+        busiest = max(
+            ("server", self.server_cpu_pct),
+            ("feeder", self.feeder_cpu_pct),
+            ("clients", self.clients_cpu_pct),
+            key=lambda item: item[1],
+        )
+        total = self.server_cpu_pct + self.feeder_cpu_pct + self.clients_cpu_pct
+        if total >= 170:
+            return f"both cores busy (server {self.server_cpu_pct:.0f} %)"
+        return busiest[0] if busiest[1] >= 90 else "seam round trips"
+
+
+class Rig:
+    """A server process on a seam socket pair, a feeder process and a client-pool process."""
+
+    def __init__(self, extra_args: List[str], log_level: str, spool: str) -> None:
+        context = multiprocessing.get_context("fork")
+        reader_end, bus_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.feeder_conn, child = context.Pipe()
+        self.feeder = context.Process(target=roles.feed, args=(child, bus_end), daemon=True)
+        self.feeder.start()
+        self.clients_conn, child = context.Pipe()
+        self.client_pool = context.Process(target=roles.clients, args=(child,), daemon=True)
+        self.client_pool.start()
+        self.server_conn, child = context.Pipe()
+        argv = [*SERVER_ARGS, log_level, *extra_args]
+        self.server = context.Process(
+            target=roles.serve, args=(child, argv, reader_end, spool), daemon=True
+        )
+        self.server.start()
+        reader_end.close()
+        bus_end.close()
+        info = self.server_conn.recv()
+        self.port: int = info["port"]
+        self.start_ns: int = info["start_ns"]
+        self.connected = 0
+        self.next_seq = 0
+
+    def counters(self) -> Dict[str, int]:
+        self.server_conn.send("counters")
+        return self.server_conn.recv()
+
+    def _clients(self, *command: object) -> object:
+        self.clients_conn.send(command)
+        return self.clients_conn.recv()
+
+    def connect(self, count: int) -> None:
+        """Connect ``count`` more clients; returns once the server streams to all of them."""
+        self.connected = self._clients("connect", self.port, count, self.start_ns)
+        _wait(lambda: self.counters()["streaming"] == self.connected, "clients streaming")
+        _wait(
+            lambda: all(
+                c["replies"] >= roles.HELLO_REPLIES for c in self._clients("report")["clients"]
+            ),
+            "handshake replies",
+        )
+
+    def disconnect_all(self) -> None:
+        self._clients("close")
+        self.connected = 0
+        _wait(lambda: self.counters()["clients"] == 0, "clients gone")
+
+    def feed(
+        self,
+        asked_fps: int,
+        count: int,
+        *,
+        latency: bool = False,
+        keepalive_s: float = 0.0,
+        expect_db: bool = False,
+        every_second: Optional[callable] = None,
+    ) -> Phase:
+        """Feed ``count`` frames at ``asked_fps`` (0: flat out), wait for delivery, measure."""
+        phase = Phase(self.connected, asked_fps)
+        self._clients("phase", self.next_seq, latency, keepalive_s)
+        before = self.counters()
+        server_cpu = roles.cpu_seconds(self.server.pid)
+        clients_cpu = roles.cpu_seconds(self.client_pool.pid)
+        self.feeder_conn.send((count, asked_fps))
+        while not self.feeder_conn.poll(1.0):
+            if every_second:
+                every_second()
+        phase.fed, elapsed, feeder_cpu, _behind = self.feeder_conn.recv()
+        self.next_seq += phase.fed
+        phase.achieved_fps = phase.fed / elapsed
+        phase.feeder_cpu_pct = 100 * feeder_cpu / elapsed
+        phase.server_cpu_pct = 100 * (roles.cpu_seconds(self.server.pid) - server_cpu) / elapsed
+        phase.clients_cpu_pct = (
+            100 * (roles.cpu_seconds(self.client_pool.pid) - clients_cpu) / elapsed
+        )
+        report = self._drain(phase.fed, expect_db, before)
+        after = self.counters()
+        phase.server_drops = after["client_drops"] - before["client_drops"]
+        if expect_db:
+            phase.db_loss = phase.fed - (after["wrote"] - before["wrote"])
+        stats = report["clients"]
+        phase.loss = [phase.fed - c["frames"] for c in stats]
+        phase.order_errors = sum(c["order_errors"] for c in stats)
+        phase.client_errors = [c["error"] for c in stats if c["error"]]
+        if latency:
+            samples = [value / 1000 for c in stats for value in c["latencies_us"]]
+            phase.lat_p50_ms = roles.percentile(samples, 0.50)
+            phase.lat_p99_ms = roles.percentile(samples, 0.99)
+        if keepalive_s:
+            rtts = [value for c in stats for value in c["keepalive_rtt_ms"]]
+            phase.keepalives = len(rtts)
+            phase.keepalive_p50_ms = roles.percentile(rtts, 0.50)
+            phase.keepalive_p99_ms = roles.percentile(rtts, 0.99)
+        return phase
+
+    def _drain(self, fed: int, expect_db: bool, before: Dict[str, int]) -> dict:
+        """Wait until every client (and the database) has everything, or progress stops."""
+        last, idle_since = None, time.monotonic()
+        while True:
+            report = self.clients_conn.send(("report", True)) or self.clients_conn.recv()
+            progress = [c["frames"] for c in report["clients"]]
+            if expect_db:
+                progress.append(self.counters()["wrote"] - before["wrote"])
+            if all(value >= fed for value in progress):
+                return report
+            if progress != last:
+                last, idle_since = progress, time.monotonic()
+            elif time.monotonic() - idle_since > DRAIN_IDLE_S:
+                return report
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.feeder_conn.send(None)
+        self.clients_conn.send(("exit",))
+        self.server_conn.send("stop")
+        self.server_conn.recv()
+        for process in (self.server, self.feeder, self.client_pool):
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+
+
+def _wait(condition: callable, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"benchmark: timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def _log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _show(phase: Phase) -> str:
+    text = (
+        f"{phase.clients} clients, asked {phase.asked_fps or 'max'} fps, "
+        f"got {phase.achieved_fps:,.0f} fps, loss {phase.loss}"
+    )
+    if phase.db_loss is not None:
+        text += f", db loss {phase.db_loss}"
+    text += (
+        f", cpu server {phase.server_cpu_pct:.0f} % feeder {phase.feeder_cpu_pct:.0f} % "
+        f"clients {phase.clients_cpu_pct:.0f} %"
+    )
+    if phase.order_errors or phase.client_errors:
+        text += f", order errors {phase.order_errors}, client errors {phase.client_errors}"
+    return text + (" PASS" if phase.passed else " FAIL")
+
+
+def find_max_fps(rig: Rig, seconds: float, expect_db: bool = False) -> Phase:
+    """The highest rate that passes: a flat-out probe, then a search below it if that lost."""
+    probe = rig.feed(0, 40_000, expect_db=expect_db)
+    _log("probe: " + _show(probe))
+    flat_out = rig.feed(0, max(40_000, int(probe.achieved_fps * seconds)), expect_db=expect_db)
+    _log("flat out: " + _show(flat_out))
+    if flat_out.lossless:
+        return flat_out
+    low, high, best = 0.0, flat_out.achieved_fps, None
+    for _ in range(5):
+        rate = int((low + high) / 2) if best or low else int(high * 0.7)
+        phase = rig.feed(rate, int(rate * seconds), expect_db=expect_db)
+        _log("search: " + _show(phase))
+        if phase.passed:
+            low, best = rate, phase
+        else:
+            high = rate
+    if best is None:
+        return flat_out
+    return best
+
+
+def measure_memory(rig: Rig, rate: int, seconds: int) -> Dict[str, object]:
+    """Server RSS over ``seconds`` with one stalled client, then over 200 connect/disconnects."""
+    stalled = socket.create_connection(("127.0.0.1", rig.port), timeout=10)
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.sendall(roles.SAVVYCAN_HELLO)
+    _wait(lambda: rig.counters()["streaming"] == rig.connected + 1, "stalled client streaming")
+    samples: List[float] = []
+
+    def sample() -> None:
+        samples.append(roles.memory_mb(rig.server.pid)["rss"])
+
+    sample()
+    phase = rig.feed(rate, rate * seconds, every_second=sample)
+    sample()
+    stalled_drops = rig.counters()["client_drops"]
+    stalled.close()
+    _log(f"stalled client: {_show(phase)}, RSS {samples[0]:.1f} -> {samples[-1]:.1f} MB")
+    before = roles.memory_mb(rig.server.pid)["rss"]
+    for _ in range(200):
+        with socket.create_connection(("127.0.0.1", rig.port), timeout=10) as sock:
+            sock.sendall(roles.SAVVYCAN_HELLO)
+            sock.recv(64)
+    _wait(lambda: rig.counters()["clients"] == rig.connected, "cycled clients gone")
+    after = roles.memory_mb(rig.server.pid)["rss"]
+    return {
+        "stalled_phase": asdict(phase),
+        "stalled_client_drops": stalled_drops,
+        "stalled_rss_first_mb": samples[0],
+        "stalled_rss_last_mb": samples[-1],
+        "stalled_rss_max_mb": max(samples),
+        "stalled_rss_change_pct": 100 * (samples[-1] - samples[0]) / samples[0],
+        "cycles_rss_before_mb": before,
+        "cycles_rss_after_mb": after,
+        "cycles_rss_change_pct": 100 * (after - before) / before,
+        "cycles_lossless": phase.lossless,
+    }
+
+
+def run_quick(args: argparse.Namespace, work: Path) -> Dict[str, object]:
+    rig = Rig([], args.log_level, str(work / "spool.db"))
+    try:
+        rig.connect(2)
+        phase = rig.feed(2000, 2000 * 3, latency=True, keepalive_s=0.05)
+        _log("quick: " + _show(phase))
+    finally:
+        rig.close()
+    return {
+        "mode": "quick",
+        "clients": phase.clients,
+        "fed": phase.fed,
+        "asked_fps": phase.asked_fps,
+        "achieved_fps": phase.achieved_fps,
+        "loss": phase.loss,
+        "order_errors": phase.order_errors,
+        "client_errors": phase.client_errors,
+        "lat_p50_ms": phase.lat_p50_ms,
+        "lat_p99_ms": phase.lat_p99_ms,
+        "keepalive_p99_ms": phase.keepalive_p99_ms,
+        "keepalives": phase.keepalives,
+    }
+
+
+def run_full(args: argparse.Namespace, work: Path) -> Dict[str, object]:
+    figures: Dict[str, object] = {"mode": "full", "phases": {}}
+    phases = figures["phases"]
+    rig = Rig([], args.log_level, str(work / "spool.db"))
+    try:
+        connected = 0
+        for count in args.clients:
+            rig.connect(count - connected)
+            connected = count
+            best = find_max_fps(rig, args.seconds)
+            phases[f"max_fps_{count}"] = asdict(best) | {"bound": best.bound}
+            figures[f"max_fps_{count}_clients"] = round(best.achieved_fps) if best.passed else 0
+            _log(f"max_fps with {count} clients: {best.achieved_fps:,.0f} ({best.bound})")
+        figures["rss_peak_mb"] = roles.memory_mb(rig.server.pid)["hwm"]
+        rig.disconnect_all()
+        rig.connect(4)
+        max4 = int(figures.get("max_fps_4_clients") or 0) or 20_000
+        for name, rate, keepalive in (
+            ("at_10k", 10_000, 0.0),
+            ("at_half_max", max4 // 2, 0.0),
+            ("keepalive_at_90pct_max", int(max4 * 0.9), 0.02),
+        ):
+            phase = rig.feed(rate, int(rate * args.seconds), latency=True, keepalive_s=keepalive)
+            phases[name] = asdict(phase)
+            _log(
+                f"{name}: {_show(phase)} lat p50 {phase.lat_p50_ms} p99 {phase.lat_p99_ms} "
+                f"keepalive p99 {phase.keepalive_p99_ms}"
+            )
+        figures["lat_10k"] = (phases["at_10k"]["lat_p50_ms"], phases["at_10k"]["lat_p99_ms"])
+        half = phases["at_half_max"]
+        figures["lat_half_max"] = (half["lat_p50_ms"], half["lat_p99_ms"])
+        figures["keepalive_p99_ms"] = phases["keepalive_at_90pct_max"]["keepalive_p99_ms"]
+        rig.disconnect_all()
+        rig.connect(1)
+        if args.memory_seconds:
+            figures["memory"] = measure_memory(rig, 10_000, args.memory_seconds)
+    finally:
+        rig.close()
+    if args.pg:
+        figures.update(run_pg(args, work))
+    return figures
+
+
+def run_pg(args: argparse.Namespace, work: Path) -> Dict[str, object]:
+    from pgcluster import PgCluster
+
+    figures: Dict[str, object] = {}
+    cluster = PgCluster()
+    cluster.start()
+    try:
+        for mode in ("insert", "function", "copy"):
+            cluster.psql("-c", "truncate public.can_frame restart identity")
+            rows = 200_000 if mode == "copy" else 60_000
+            context = multiprocessing.get_context("fork")
+            parent, child = context.Pipe()
+            process = context.Process(
+                target=roles.pg_rows,
+                args=(child, cluster.dsn, mode, rows, str(work / f"pg-{mode}.db")),
+            )
+            process.start()
+            result = parent.recv()
+            process.join(10)
+            figures[f"pg_rows_per_s_{mode}"] = round(result["rows_per_s"])
+            _log(f"pg {mode}: {result}")
+        cluster.psql("-c", "truncate public.can_frame restart identity")
+        pg_args = ["--pg-enable", "--pg-dsn", cluster.dsn, "--pg-mode", "copy"]
+        rig = Rig(pg_args, args.log_level, str(work / "spool.db"))
+        try:
+            rig.connect(2)
+            phase = rig.feed(10_000, 10_000 * int(args.seconds + 2), expect_db=True)
+            _log("cpu at 10k fps, 2 clients, copy: " + _show(phase))
+            figures["cpu_phase"] = asdict(phase)
+            figures["cpu_pct_per_10k_fps"] = round(phase.server_cpu_pct, 1)
+            rig.connect(2)
+            best = find_max_fps(rig, args.seconds, expect_db=True)
+            figures["max_fps_4_clients_pg_copy"] = round(best.achieved_fps) if best.passed else 0
+            figures["pg_max_phase"] = asdict(best) | {"bound": best.bound}
+        finally:
+            rig.close()
+    finally:
+        cluster.destroy()
+    return figures
+
+
+def machine() -> Dict[str, object]:
+    model = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cores": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "load_avg_at_start": os.getloadavg(),
+    }
+
+
+def _ms(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def table(figures: Dict[str, object]) -> str:
+    """The figures as one Markdown table."""
+    rows = [("figure", "measured", "target")]
+    if figures["mode"] == "quick":
+        rows += [
+            (
+                "fed / clients",
+                f"{figures['fed']:,} at {figures['asked_fps']:,} fps / {figures['clients']}",
+                "",
+            ),
+            ("loss per client", str(figures["loss"]), "0"),
+            (
+                "lat_p50_ms / lat_p99_ms",
+                f"{_ms(figures['lat_p50_ms'])} / {_ms(figures['lat_p99_ms'])}",
+                "",
+            ),
+            ("keepalive_p99_ms", _ms(figures["keepalive_p99_ms"]), ""),
+        ]
+    else:
+        phases = figures["phases"]
+        for key, phase in phases.items():
+            if key.startswith("max_fps_"):
+                count = key.rsplit("_", 1)[1]
+                rows.append(
+                    (
+                        f"max_fps, {count} clients",
+                        f"{figures[f'max_fps_{count}_clients']:,} (loss {phase['loss']}; "
+                        f"bound: {phase['bound']})",
+                        "≥ 100,000 with 4" if count == "4" else "",
+                    )
+                )
+        if "max_fps_4_clients_pg_copy" in figures:
+            phase = figures["pg_max_phase"]
+            rows.append(
+                (
+                    "max_fps, 4 clients + PostgreSQL copy",
+                    f"{figures['max_fps_4_clients_pg_copy']:,} (loss {phase['loss']}, db "
+                    f"{phase['db_loss']}; bound: {phase['bound']})",
+                    "≥ 50,000",
+                )
+            )
+        rows += [
+            (
+                "lat_p50_ms / lat_p99_ms at 10,000 fps",
+                "{} / {}".format(*map(_ms, figures["lat_10k"])),
+                "p99 < 20",
+            ),
+            (
+                f"lat_p50_ms / lat_p99_ms at 50 % max ({phases['at_half_max']['asked_fps']:,})",
+                "{} / {}".format(*map(_ms, figures["lat_half_max"])),
+                "",
+            ),
+            (
+                f"keepalive_p99_ms at 90 % max ({phases['keepalive_at_90pct_max']['asked_fps']:,})",
+                _ms(figures["keepalive_p99_ms"]),
+                "< 50",
+            ),
+        ]
+        if "cpu_pct_per_10k_fps" in figures:
+            rows.append(
+                (
+                    "cpu_pct_per_10k_fps (2 clients, PostgreSQL copy)",
+                    f"{figures['cpu_pct_per_10k_fps']}",
+                    "≤ 15",
+                )
+            )
+        rows.append(("rss_mb peak at max_fps", f"{figures['rss_peak_mb']:.1f}", "< 150"))
+        memory = figures.get("memory")
+        if memory:
+            rows += [
+                (
+                    "rss_mb, 60 s with a stalled client",
+                    f"{memory['stalled_rss_first_mb']:.1f} -> {memory['stalled_rss_last_mb']:.1f} "
+                    f"({memory['stalled_rss_change_pct']:+.1f} %, stalled client dropped "
+                    f"{memory['stalled_client_drops']:,})",
+                    "flat ±10 %",
+                ),
+                (
+                    "rss_mb, 200 connect/disconnect cycles",
+                    f"{memory['cycles_rss_before_mb']:.1f} -> {memory['cycles_rss_after_mb']:.1f} "
+                    f"({memory['cycles_rss_change_pct']:+.1f} %)",
+                    "flat ±10 %",
+                ),
+            ]
+        for mode in ("insert", "function", "copy"):
+            key = f"pg_rows_per_s_{mode}"
+            if key in figures:
+                target = {"insert": "≥ 25,000", "copy": "≥ 3 × insert"}.get(mode, "")
+                rows.append((key, f"{figures[key]:,}", target))
+        if "max_fps_4_clients" in figures:
+            rows.append(
+                (
+                    "bus_equiv (max_fps 4 clients ÷ 8,700)",
+                    f"{figures['max_fps_4_clients'] / BUS_FPS:.1f}",
+                    "> 10",
+                )
+            )
+    info = figures["machine"]
+    lines = [
+        f"machine: {info['cores']} cores, {info['cpu']}, Python {info['python']}, "
+        f"load average at start {info['load_avg_at_start'][0]:.2f}",
+        "",
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for index, row in enumerate(rows):
+        lines.append("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |")
+        if index == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run (< 30 s)")
+    parser.add_argument("--json", metavar="PATH", help="write the figures to PATH")
+    parser.add_argument("--no-pg", dest="pg", action="store_false", help="skip PostgreSQL")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of a feeding phase")
+    parser.add_argument("--memory-seconds", type=int, default=60)
+    parser.add_argument("--log-level", default="WARNING", help="the server's log level")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="wiretap-bench-") as work:
+        figures = {"machine": machine()}
+        figures.update(run_quick(args, Path(work)) if args.quick else run_full(args, Path(work)))
+    print(table(figures))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2, default=str) + "\n")
+    if figures["mode"] == "quick":
+        return 0 if not any(figures["loss"]) and not figures["client_errors"] else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
