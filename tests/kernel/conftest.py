@@ -1,4 +1,4 @@
-"""Fixtures of the vcan tier: virtual CAN interfaces made and removed with `ip`.
+"""Fixtures of the vcan tier: virtual CAN interfaces, the server as a process, candump.
 
 These tests run as root under a kernel with CAN (inside the VM of run-in-vm.sh, or on a machine
 whose kernel has vcan). They create and delete their own interfaces, so a test may also take an
@@ -9,26 +9,11 @@ from __future__ import annotations
 
 import socket
 import subprocess
+from pathlib import Path
 from typing import Callable, Iterator, List
 
 import pytest
-
-from wiretap.frames import CAN_MTU, CANFD_MTU
-
-
-def ip_link(*args: str) -> None:
-    subprocess.run(["ip", "link", *args], check=True, capture_output=True, text=True)
-
-
-def interface_exists(name: str) -> bool:
-    return subprocess.run(["ip", "link", "show", name], capture_output=True).returncode == 0
-
-
-def add_vcan(name: str, fd: bool = False) -> None:
-    """Create ``name`` as a vcan interface (FD-capable when ``fd``) and bring it up."""
-    ip_link("add", "dev", name, "type", "vcan")
-    ip_link("set", name, "mtu", str(CANFD_MTU if fd else CAN_MTU))
-    ip_link("set", "up", name)
+from vcan_tools import Candump, ServerProcess, add_vcan, interface_exists, ip_link
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -57,3 +42,36 @@ def vcan() -> Iterator[Callable[..., str]]:
     for name in created:
         if interface_exists(name):
             ip_link("del", name)
+
+
+@pytest.fixture
+def wiretap_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Factory: ``wiretap_server("--iface", "vcan0")`` starts the server; killed afterwards."""
+    started: List[ServerProcess] = []
+
+    def start(*args: str) -> ServerProcess:
+        server = ServerProcess(list(args), tmp_path)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.kill()
+        # Captured output: pytest shows it only when the test failed.
+        print(f"--- server log ---\n{server.log()}--- server stdout ---\n{server.output()}")
+
+
+@pytest.fixture
+def candump(tmp_path: Path) -> Iterator[Callable[[str], Candump]]:
+    running: List[Candump] = []
+
+    def start(iface: str) -> Candump:
+        dump = Candump(iface, tmp_path)
+        running.append(dump)
+        return dump
+
+    yield start
+    for dump in running:
+        if dump.process.poll() is None:
+            dump.process.kill()
+            dump.process.wait()

@@ -1,0 +1,224 @@
+"""The server against real SocketCAN: frames, FD, buses, direction, transmit, interface life.
+
+Every test starts ``wiretap-server.py`` as a process on vcan interfaces, connects GVRET clients
+(``gvret_probe``) and drives the bus with can-utils, checking exact counts and bytes; ``candump``
+is the independent witness of what was on the bus.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List
+
+import pytest
+from gvret_probe import FD_LENGTHS, GvretProbe
+from vcan_tools import (
+    Candump,
+    ServerProcess,
+    add_vcan,
+    cangen,
+    cansend,
+    interface_exists,
+    ip_link,
+    parse_candump_line,
+    readers,
+    server_on,
+    wait_for_readers,
+)
+
+pytestmark = pytest.mark.vcan
+
+StartServer = Callable[..., ServerProcess]
+
+
+def connect(server: ServerProcess, count: int = 1) -> List[GvretProbe]:
+    """``count`` clients, returned once the server streams to all of them."""
+    clients = [GvretProbe(server.port) for _ in range(count)]
+    server.wait_for_log("binary mode", count)
+    return clients
+
+
+def test_cangen_frames_reach_a_client_exactly_with_kernel_timestamps(
+    vcan: Callable[..., str], wiretap_server: StartServer, candump: Callable[[str], Candump]
+) -> None:
+    iface = vcan("vcan0")
+    server = server_on(wiretap_server, [iface])
+    dump = candump(iface)
+    (client,) = connect(server)
+    with client:
+        cangen(iface, 150, "-g", "1", "-I", "i", "-L", "i", "-D", "i")
+        cangen(iface, 50, "-g", "1", "-e", "-L", "8", "-D", "r")
+        frames = client.read_frames(200)
+        assert client.read_available(quiet=0.5) == []
+    dumped = [parse_candump_line(line) for line in dump.stop()]
+
+    assert len(dumped) == 200
+    assert [(f.can_id, f.extended, f.bus, f.data) for f in frames] == [
+        (can_id, extended, 0, data) for _, _, can_id, extended, _, data in dumped
+    ]
+    assert sum(f.extended for f in frames) == 50
+    # GVRET timestamps are the kernel's receive times (the same ones candump prints), in µs
+    # since the server started: every gap between frames matches candump's to the microsecond.
+    stamps = [f.ts_us for f in frames]
+    assert stamps == sorted(stamps)
+    dump_stamps = [entry[0] for entry in dumped]
+    for index in range(1, 200):
+        gap = stamps[index] - stamps[index - 1]
+        assert abs(gap - (dump_stamps[index] - dump_stamps[index - 1])) <= 1
+    stats = server.stop()
+    assert (stats["rx"], stats["kernel_drops"], stats["client_drops"]) == (200, 0, 0)
+
+
+def test_fd_frames_of_every_length_reach_a_wiretap_dialect_client(
+    vcan: Callable[..., str], wiretap_server: StartServer
+) -> None:
+    iface = vcan("vcan0", fd=True)
+    server = server_on(wiretap_server, [iface], "--can-fd")
+    (client,) = connect(server)
+    with client:
+        for length in FD_LENGTHS:
+            cansend(iface, f"{0x100 + length:03X}##1{bytes(range(length)).hex()}")
+        frames = client.read_frames(len(FD_LENGTHS))
+
+    assert [(f.can_id, f.data) for f in frames] == [
+        (0x100 + length, bytes(range(length))) for length in FD_LENGTHS
+    ]
+    assert server.stop()["rx"] == len(FD_LENGTHS)
+
+
+def test_two_interfaces_with_bus_offset_and_frames_from_this_host_tagged_tx(
+    vcan: Callable[..., str], wiretap_server: StartServer
+) -> None:
+    classic, fd = vcan("vcan0"), vcan("vcan1", fd=True)
+    server = server_on(wiretap_server, [classic, fd], "--bus-offset", "2", "--can-fd", "--echo")
+    (client,) = connect(server)
+    with client:
+        cansend(classic, "123#11")
+        cansend(fd, f"456##1{bytes(range(12)).hex()}")
+        cansend(classic, "12345678#2233")
+        frames = client.read_frames(3)
+    # One reader thread per interface: frames of different buses may arrive in either order.
+    assert sorted((f.bus, f.can_id, f.extended, f.data) for f in frames) == [
+        (2, 0x123, False, b"\x11"),
+        (2, 0x12345678, True, b"\x22\x33"),
+        (3, 0x456, False, bytes(range(12))),
+    ]
+
+    assert server.stop()["rx"] == 3
+    # cansend is another socket on this host: the kernel marks its frames MSG_DONTROUTE -> tx.
+    echoed = server.output().splitlines()
+    assert sorted(line.split()[0] for line in echoed) == ["B2", "B2", "B3"]
+    assert all(" TX " in line for line in echoed), echoed
+
+
+def test_client_transmit_reaches_the_bus_and_other_clients_but_not_itself(
+    vcan: Callable[..., str], wiretap_server: StartServer, candump: Callable[[str], Candump]
+) -> None:
+    iface = vcan("vcan0", fd=True)
+    server = server_on(wiretap_server, [iface], "--can-fd", "--echo")
+    dump = candump(iface)
+    sender, watcher = connect(server, 2)
+    sent = [
+        (0x321, False, b"\x01\x02\x03"),
+        (0x1ABCDEF0, True, bytes(range(64))),
+        (0x7E0, False, bytes(range(100, 112))),
+    ]
+    with sender, watcher:
+        for can_id, extended, data in sent:
+            sender.transmit(can_id, data, extended=extended)
+        seen = watcher.read_frames(3)
+        cansend(iface, "7FF#AA")
+        # Frames reach a client in bus order: if the sender got its own frames back, they would
+        # arrive before this marker.
+        assert [f.can_id for f in sender.read_frames(1)] == [0x7FF]
+        assert [f.can_id for f in watcher.read_frames(1)] == [0x7FF]
+    assert [(f.can_id, f.extended, f.data) for f in seen] == sent
+
+    on_bus = [parse_candump_line(line) for line in dump.stop()]
+    assert [(can_id, ext, fd, data) for _, _, can_id, ext, fd, data in on_bus] == [
+        (0x321, False, False, b"\x01\x02\x03"),
+        (0x1ABCDEF0, True, True, bytes(range(64))),
+        (0x7E0, False, True, bytes(range(100, 112))),
+        (0x7FF, False, False, b"\xaa"),
+    ]
+    stats = server.stop()
+    assert (stats["rx"], stats["tx"], stats["tx_fail"]) == (4, 3, 0)
+    echoed = server.output().splitlines()
+    assert len(echoed) == 4
+    assert all(" TX " in line for line in echoed), echoed
+
+
+def test_interface_down_then_up_is_logged_once_each_and_frames_resume(
+    vcan: Callable[..., str], wiretap_server: StartServer
+) -> None:
+    iface = vcan("vcan0")
+    server = server_on(wiretap_server, [iface])
+    (client,) = connect(server)
+    with client:
+        cangen(iface, 20, "-g", "1", "-I", "111", "-L", "2", "-D", "i")
+        client.read_frames(20)
+        ip_link("set", "down", iface)
+        server.wait_for_log("vcan0: interface is down")
+        ip_link("set", "up", iface)
+        cangen(iface, 20, "-g", "1", "-I", "222", "-L", "2", "-D", "i")
+        frames = client.read_frames(20)
+        server.wait_for_log("vcan0: reading again")
+    assert {f.can_id for f in frames} == {0x222}
+    assert len(server.log_lines("vcan0: interface is down")) == 1
+    assert len(server.log_lines("vcan0: reading again")) == 1
+    assert server.stop()["rx"] == 40
+
+
+def test_deleted_interface_is_reopened_by_name_when_it_comes_back(
+    vcan: Callable[..., str], wiretap_server: StartServer
+) -> None:
+    iface = vcan("vcan0")
+    server = server_on(wiretap_server, [iface])
+    (client,) = connect(server)
+    with client:
+        cansend(iface, "101#01")
+        client.read_frames(1)
+        ip_link("del", iface)
+        server.wait_for_log("vcan0: interface is gone")
+        server.wait_for_log("vcan0: cannot open")
+        add_vcan(iface)
+        wait_for_readers(iface, 1)
+        cansend(iface, "102#02")
+        frames = client.read_frames(1)
+    assert [(f.can_id, f.data) for f in frames] == [(0x102, b"\x02")]
+    assert len(server.log_lines("vcan0: interface is gone")) == 1
+    assert len(server.log_lines("vcan0: interface is back")) == 1
+    assert server.stop()["rx"] == 2
+
+
+def test_interface_missing_at_start_is_picked_up_when_it_appears(
+    vcan: Callable[..., str], wiretap_server: StartServer
+) -> None:
+    assert not interface_exists("vcan7")
+    server = wiretap_server("--iface", "vcan7")
+    server.wait_for_log("vcan7: cannot open")
+    (client,) = connect(server)
+    with client:
+        vcan("vcan7")
+        wait_for_readers("vcan7", 1)
+        cansend("vcan7", "7A7#0707")
+        frames = client.read_frames(1)
+    assert [(f.can_id, f.data) for f in frames] == [(0x7A7, b"\x07\x07")]
+    assert len(server.log_lines("vcan7: interface is back")) == 1
+    assert server.stop()["rx"] == 1
+
+
+def test_flood_counts_of_kernel_server_and_client_agree(
+    vcan: Callable[..., str], wiretap_server: StartServer
+) -> None:
+    sent = 3000
+    iface = vcan("vcan0")
+    server = server_on(wiretap_server, [iface])
+    (client,) = connect(server)
+    with client:
+        cangen(iface, sent, "-g", "0", "-I", "i", "-L", "8", "-D", "i")
+        received = client.read_available(quiet=2.0)
+    stats = server.stop()
+    # What the kernel handed the server's socket, or dropped there, is everything sent.
+    assert stats["rx"] + stats["kernel_drops"] == sent
+    assert len(received) + stats["client_drops"] == stats["rx"]
+    assert readers(iface) == 0
