@@ -285,6 +285,7 @@ class GvretServer(socketserver.ThreadingTCPServer):
         self._active = 0
         self._active_lock = threading.Lock()
         self.connections = 0
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, GvretHandler)
 
     def now_us(self) -> int:
@@ -356,8 +357,8 @@ class GvretHandler(socketserver.BaseRequestHandler):
     def finish(self) -> None:
         client = self.client
         self.server.hub.remove(client)
-        client.stop_writer()
         self.server.release()
+        client.stop_writer()
         log.info(
             "client %s: disconnected (%d frames sent, %d dropped)",
             self.who,
