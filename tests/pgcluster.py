@@ -112,16 +112,24 @@ class PgCluster:
         """Create the cluster on first use, then start the server and wait until it accepts."""
         if not self._initialised:
             self._create()
-        self._pg_ctl(
-            "start",
-            "-w",
-            "-t",
-            "60",
-            "-l",
-            str(self.root / "server.log"),
-            "-o",
-            self._server_options(),
-        )
+        for attempt in range(3):
+            try:
+                self._pg_ctl(
+                    "start",
+                    "-w",
+                    "-t",
+                    "60",
+                    "-l",
+                    str(self.root / "server.log"),
+                    "-o",
+                    self._server_options(),
+                )
+                break
+            except PgClusterError:
+                # Another process took the free port between our probe and the server's bind.
+                if self._initialised or attempt == 2 or "could not bind" not in self.server_log():
+                    raise
+                self.port = free_port()
         if not self._initialised:
             self._psql("postgres", "-c", f"create database {DATABASE}")
             if self.schema is not None:
