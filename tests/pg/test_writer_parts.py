@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from wiretap.pg.writer import TimestampText, mask_dsn, quote_function_name
+from wiretap.pg.writer import TimestampText, mask_dsn, quote_function_name, render_row
 
 
 @pytest.mark.parametrize(
@@ -48,3 +48,26 @@ def test_timestamp_text_is_utc_with_microseconds():
     assert text(1_700_000_000_999_999) == "2023-11-14 22:13:20.999999+00"
     assert text(1_700_000_001_000_000) == "2023-11-14 22:13:21.000000+00"
     assert text(0) == "1970-01-01 00:00:00.000000+00"
+
+
+def test_rows_render_as_typed_sql_literals():
+    row = (0, 0x1ABCDEF0, True, 2, False, b"\x01\xab", 3, "tx")
+    assert render_row("2023-11-14 22:13:20.000001+00", row, casts=False).getquoted() == (
+        b"('2023-11-14 22:13:20.000001+00',448585456,true,2,false,E'\\\\x01ab'::bytea,3,'tx')"
+    )
+    assert render_row("T", row, casts=True).getquoted() == (
+        b"('T'::timestamptz,448585456,true,2::smallint,false,E'\\\\x01ab'::bytea,3,'tx'::text)"
+    )
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        (0, "1); drop table x; --", False, 0, False, b"", 0, "rx"),
+        (0, 1, False, 0, False, b"", 0, "rx'); drop table x; --"),
+        (0, 1, False, 0.5, False, b"", 0, "rx"),
+    ],
+)
+def test_anything_but_typed_values_refuses_to_render(row):
+    with pytest.raises(ValueError):
+        render_row("T", row, casts=False)
