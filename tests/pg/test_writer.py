@@ -232,3 +232,18 @@ def test_full_queue_and_full_spool_drop_visibly(make_writer, pg_log):
     assert "queue high water mark: 80 % (80 of 100 frames)" in pg_log.text
     assert "queue high water mark: 95 % (95 of 100 frames)" in pg_log.text
     assert "queue FULL" in pg_log.text
+
+
+def test_a_queue_filling_faster_than_the_database_spills_to_the_spool_in_order(
+    pg, make_writer, pg_log
+):
+    writer = make_writer(pg.dsn, queue_size=1000, batch_size=100)
+    writer.deliver(numbered(900))  # more than half the queue even after one batch is taken
+    wait_for(lambda: row_count(pg.dsn) == 900, "all rows")
+    wait_for(lambda: writer.counters()["spooled"] == 0, "spool drained")
+    assert fetch(
+        pg.dsn, "select array_agg(ts order by row_id) = array_agg(ts order by ts)"
+        " from public.can_frame"
+    ) == [(True,)]  # fmt: skip
+    assert "cached frames to database" in pg_log.text
+    assert writer.counters()["dropped"] == 0

@@ -436,21 +436,22 @@ class PgWriter:
     def _park_queue(self) -> None:
         """Move frames from the queue's head to the spool, as many as it has room for."""
         queue = self._queue
-        while queue:
+        full = False
+        while queue and not full:
             room = self._spool.room_bytes()
             frames = []
             while queue and len(frames) < SPOOL_CHUNK_ROWS:
                 cost = ROW_OVERHEAD_BYTES + len(queue[0].data)
                 if cost > room:
+                    full = True
                     break
                 room -= cost
                 frames.append(queue.popleft())
             if frames and not self._spool_append(self._to_rows(frames)):
                 queue.extendleft(reversed(frames))
                 return
-            if queue and len(frames) < SPOOL_CHUNK_ROWS:
-                self._spool_full()
-                return
+        if full:
+            self._spool_full()
 
     def _spool_rows(self, rows: List[Row]) -> int:
         """Append as many of ``rows`` as fit; returns how many."""
