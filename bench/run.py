@@ -357,16 +357,27 @@ def run_full(args: argparse.Namespace, work: Path) -> Dict[str, object]:
             ("at_half_max", max4 // 2, 0.0),
             ("keepalive_at_90pct_max", int(max4 * 0.9), 0.02),
         ):
-            phase = rig.feed(rate, int(rate * args.seconds), latency=True, keepalive_s=keepalive)
-            phases[name] = asdict(phase)
-            _log(
-                f"{name}: {_show(phase)} lat p50 {phase.lat_p50_ms} p99 {phase.lat_p99_ms} "
-                f"keepalive p99 {phase.keepalive_p99_ms}"
-            )
-        figures["lat_10k"] = (phases["at_10k"]["lat_p50_ms"], phases["at_10k"]["lat_p99_ms"])
-        half = phases["at_half_max"]
-        figures["lat_half_max"] = (half["lat_p50_ms"], half["lat_p99_ms"])
-        figures["keepalive_p99_ms"] = phases["keepalive_at_90pct_max"]["keepalive_p99_ms"]
+            key = "keepalive_p99_ms" if keepalive else "lat_p99_ms"
+            runs = []
+            for _ in range(args.repeats):
+                phase = rig.feed(
+                    rate, int(rate * args.seconds), latency=True, keepalive_s=keepalive
+                )
+                runs.append(asdict(phase))
+                _log(
+                    f"{name}: {_show(phase)} lat p50 {phase.lat_p50_ms} p99 {phase.lat_p99_ms} "
+                    f"keepalive p99 {phase.keepalive_p99_ms}"
+                )
+            # One stall of the shared machine can own a whole run's p99: report the median run
+            # and the worst one.
+            runs.sort(key=lambda run: run[key] or 0.0)
+            phases[name] = runs[len(runs) // 2] | {"worst_p99_ms": runs[-1][key], "runs": runs}
+        for name, figure in (("at_10k", "lat_10k"), ("at_half_max", "lat_half_max")):
+            run = phases[name]
+            figures[figure] = (run["lat_p50_ms"], run["lat_p99_ms"], run["worst_p99_ms"])
+        keepalive_run = phases["keepalive_at_90pct_max"]
+        figures["keepalive_p99_ms"] = keepalive_run["keepalive_p99_ms"]
+        figures["keepalive_worst_p99_ms"] = keepalive_run["worst_p99_ms"]
         rig.disconnect_all()
         rig.connect(1)
         if args.memory_seconds:
@@ -482,17 +493,18 @@ def table(figures: Dict[str, object]) -> str:
         rows += [
             (
                 "lat_p50_ms / lat_p99_ms at 10,000 fps",
-                "{} / {}".format(*map(_ms, figures["lat_10k"])),
+                "{} / {} (worst run's p99 {})".format(*map(_ms, figures["lat_10k"])),
                 "p99 < 20",
             ),
             (
                 f"lat_p50_ms / lat_p99_ms at 50 % max ({phases['at_half_max']['asked_fps']:,})",
-                "{} / {}".format(*map(_ms, figures["lat_half_max"])),
+                "{} / {} (worst run's p99 {})".format(*map(_ms, figures["lat_half_max"])),
                 "",
             ),
             (
                 f"keepalive_p99_ms at 90 % max ({phases['keepalive_at_90pct_max']['asked_fps']:,})",
-                _ms(figures["keepalive_p99_ms"]),
+                f"{_ms(figures['keepalive_p99_ms'])} (worst run's p99 "
+                f"{_ms(figures['keepalive_worst_p99_ms'])})",
                 "< 50",
             ),
         ]
@@ -557,6 +569,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--seconds", type=float, default=3.0, help="length of a feeding phase")
     parser.add_argument("--memory-seconds", type=int, default=60)
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs of each latency phase (median reported)"
+    )
     parser.add_argument("--log-level", default="WARNING", help="the server's log level")
     return parser.parse_args(argv)
 
