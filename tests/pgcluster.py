@@ -214,6 +214,22 @@ class PgCluster:
         return result.stdout
 
 
+def run_command(command: List[str], dsn: str) -> int:
+    """Run ``command`` with ``PG_DSN`` set and wait for it however long its shutdown takes.
+
+    Ctrl+C reaches the command as well (same process group) and it shuts down on its own (a
+    server flushes its queue first), so we keep waiting; a SIGTERM sent to us is passed on.
+    """
+    child = subprocess.Popen(command, env=dict(os.environ, PG_DSN=dsn))
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: child.send_signal(signal.SIGTERM))
+    while True:
+        try:
+            code = child.wait()
+            return 128 - code if code < 0 else code
+        except KeyboardInterrupt:
+            continue
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         description="Start a throw-away PostgreSQL with the WireTAP schema; remove it on exit.",
@@ -233,7 +249,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cluster.start()
         print(f"PG_DSN='{cluster.dsn}'", flush=True)
         if command:
-            return subprocess.run(command, env=dict(os.environ, PG_DSN=cluster.dsn)).returncode
+            return run_command(command, cluster.dsn)
         print(f"psql '{cluster.dsn}'   # to look at the rows; Ctrl+C stops and removes the cluster")
         signal.pause()
         return 0

@@ -238,8 +238,8 @@ def test_a_queue_filling_faster_than_the_database_spills_to_the_spool_in_order(
     pg, make_writer, pg_log
 ):
     writer = make_writer(pg.dsn, queue_size=1000, batch_size=100)
-    writer.deliver(numbered(900))  # more than half the queue even after one batch is taken
-    wait_for(lambda: row_count(pg.dsn) == 900, "all rows")
+    writer.deliver(numbered(950))  # over 80 % of the queue even after one batch is taken
+    wait_for(lambda: row_count(pg.dsn) == 950, "all rows")
     wait_for(lambda: writer.counters()["spooled"] == 0, "spool drained")
     assert fetch(
         pg.dsn, "select array_agg(ts order by row_id) = array_agg(ts order by ts)"

@@ -52,7 +52,7 @@ BACKOFF_MAX_S = 10.0
 HIGH_WATER_MARKS = (0.80, 0.95)
 # Above this fill level the queue's head moves to the spool even while the database is up (it is
 # slower than the bus): the queue must keep room for bursts, and the spool is far bigger.
-SPILL_FRACTION = 0.5
+SPILL_FRACTION = HIGH_WATER_MARKS[0]
 SPOOL_CHUNK_ROWS = 20_000
 IDLE_WAIT_S = 0.5
 # A func that rejects everything must not flood the journal: rejected frames are logged one by one
