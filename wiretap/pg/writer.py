@@ -50,8 +50,9 @@ CONNECTION_DEFAULTS = {
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 10.0
 HIGH_WATER_MARKS = (0.80, 0.95)
-# Above this fill level the queue's head moves to the spool even while the database is up (it is
-# slower than the bus): the queue must keep room for bursts, and the spool is far bigger.
+# Above this fill level the queue's head moves to the spool (until the queue is half full) even
+# while the database is up, since it is slower than the bus: the queue must keep room for bursts,
+# and the spool is far bigger.
 SPILL_FRACTION = HIGH_WATER_MARKS[0]
 SPOOL_CHUNK_ROWS = 20_000
 IDLE_WAIT_S = 0.5
@@ -340,7 +341,8 @@ class PgWriter:
             self._stopping.wait(max(wait, 0.01))
             return False
         if len(self._queue) > self._spill_level:
-            self._park_queue()
+            # Down to half: the rest goes straight to the database after the spooled part.
+            self._park_queue(len(self._queue) - self._queue_size // 2)
         if self._spool.count:
             self._drain_batch()
             return False
@@ -433,14 +435,15 @@ class PgWriter:
             self._draining = False
             log.info("cached frames drained, back to live ingest")
 
-    def _park_queue(self) -> None:
-        """Move frames from the queue's head to the spool, as many as it has room for."""
+    def _park_queue(self, limit: Optional[int] = None) -> None:
+        """Move frames (up to ``limit``) from the queue's head to the spool, as many as fit."""
         queue = self._queue
+        left = len(queue) if limit is None else limit
         full = False
-        while queue and not full:
+        while queue and left > 0 and not full:
             room = self._spool.room_bytes()
             frames = []
-            while queue and len(frames) < SPOOL_CHUNK_ROWS:
+            while queue and len(frames) < min(SPOOL_CHUNK_ROWS, left):
                 cost = ROW_OVERHEAD_BYTES + len(queue[0].data)
                 if cost > room:
                     full = True
@@ -450,6 +453,7 @@ class PgWriter:
             if frames and not self._spool_append(self._to_rows(frames)):
                 queue.extendleft(reversed(frames))
                 return
+            left -= len(frames)
         if full:
             self._spool_full()
 
