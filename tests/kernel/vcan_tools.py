@@ -6,6 +6,7 @@ the kernel's receive list, ``/proc/net/can/rcvlist_all``) before anything is sen
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -20,6 +21,8 @@ REPO = Path(__file__).resolve().parent.parent.parent
 SERVER = REPO / "wiretap-server.py"
 RECEIVE_LIST = Path("/proc/net/can/rcvlist_all")
 TIMEOUT = 20.0
+# Log format, and a receive buffer large enough that a slow guest's candump drops nothing.
+CANDUMP_OPTIONS = ("-L", "-r", str(4 * 1024 * 1024))
 
 
 def wait_until(condition: Callable[[], object], what: str, timeout: float = TIMEOUT) -> None:
@@ -63,7 +66,9 @@ class ServerProcess:
         command = [sys.executable, str(SERVER), "--host", "127.0.0.1", "--port", "0"]
         command += ["--log-level", "DEBUG", "--stats-interval", "1", *args]
         with open(self.log_path, "wb") as log, open(self.out_path, "wb") as out:
-            self.process = subprocess.Popen(command, stdout=out, stderr=log, cwd=REPO)
+            # STATE_DIRECTORY: where the database spool goes (the checkout may be read-only).
+            environ = dict(os.environ, STATE_DIRECTORY=str(workdir))
+            self.process = subprocess.Popen(command, stdout=out, stderr=log, cwd=REPO, env=environ)
         self.port = 0
         wait_until(self._listening, "the server to listen")
 
@@ -111,7 +116,7 @@ class Candump:
         self.path = workdir / f"candump-{iface}.log"
         before = readers(iface)
         with open(self.path, "wb") as out:
-            self.process = subprocess.Popen(["candump", "-L", iface], stdout=out)
+            self.process = subprocess.Popen(["candump", *CANDUMP_OPTIONS, iface], stdout=out)
         wait_for_readers(iface, before + 1)
 
     def stop(self) -> List[str]:
