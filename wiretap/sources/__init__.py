@@ -8,7 +8,8 @@ Owns the interface every source offers (:class:`Source`) and the bus description
 from __future__ import annotations
 
 import enum
-from typing import Callable, List, NamedTuple
+import threading
+from typing import Callable, List, NamedTuple, Optional
 
 from ..frames import Frame
 
@@ -33,20 +34,34 @@ class TransmitResult(enum.Enum):
 
 
 class Source:
-    """A thread that reads one or more buses (``first_bus`` .. ``first_bus + bus_count - 1``)."""
+    """A thread that reads one or more buses (``first_bus`` .. ``first_bus + bus_count - 1``).
+
+    Subclasses call :meth:`_init_thread` and implement ``_run``, which publishes batches through
+    ``self._publish`` until ``self._stop`` is set.
+    """
 
     name: str
     first_bus: int
     bus_count: int = 1
 
-    def start(self, publish: Publish) -> None:
+    def _init_thread(self, thread_name: str) -> None:
+        self._publish: Optional[Publish] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
+
+    def _run(self) -> None:
         raise NotImplementedError
+
+    def start(self, publish: Publish) -> None:
+        self._publish = publish
+        self._thread.start()
 
     def stop(self) -> None:
-        raise NotImplementedError
+        self._stop.set()
 
     def join(self, timeout: float) -> None:
-        raise NotImplementedError
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def transmit(self, frame: Frame, origin: int) -> TransmitResult:
         """Send ``frame`` on ``frame.bus``; ``origin`` tags the kernel's confirmation."""

@@ -38,7 +38,7 @@ from ..frames import (
     Frame,
     is_valid_fd_length,
 )
-from . import BusInfo, Publish, Source, TransmitResult
+from . import BusInfo, Source, TransmitResult
 
 log = logging.getLogger("wiretap.replay")
 
@@ -190,24 +190,11 @@ class ReplaySource(Source):
         mean_gap = span // (len(lines) - 1) if len(lines) > 1 else 0
         self._loop_period_ns = span + max(mean_gap, MIN_LOOP_GAP_NS)
 
-        self._publish: Optional[Publish] = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="reader-replay", daemon=True)
+        self._init_thread("reader-replay")
         self._lock = threading.Lock()
         self._tx = 0
         self._fd_skipped = 0
         self._replayed = 0
-
-    def start(self, publish: Publish) -> None:
-        self._publish = publish
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def join(self, timeout: float) -> None:
-        if self._thread.is_alive():
-            self._thread.join(timeout)
 
     def transmit(self, frame: Frame, origin: int) -> TransmitResult:
         """No wire to send on: confirm the frame as the kernel would, as a ``tx`` frame now."""

@@ -168,9 +168,7 @@ class SocketCanSource(Source):
         self._open_socket = open_socket or (lambda: open_can_socket(ifname, can_fd))
         self._is_can_socket = open_socket is None
         self._sock: Optional[socket.socket] = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"reader-{ifname}", daemon=True)
-        self._publish: Optional[Publish] = None
+        self._init_thread(f"reader-{ifname}")
         self._pending: Deque[Tuple[bytes, int]] = collections.deque(maxlen=PENDING_CONFIRMATIONS)
         self._pending_lock = threading.Lock()
         self._bitrate: Optional[int] = None
@@ -186,16 +184,6 @@ class SocketCanSource(Source):
         self._reported_send_down = False
 
     # --- life ----------------------------------------------------------------------------
-
-    def start(self, publish: Publish) -> None:
-        self._publish = publish
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
 
     def counters(self) -> dict:
         return {
