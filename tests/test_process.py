@@ -168,3 +168,17 @@ def test_stats_line_reports_what_was_read(processes, tmp_path):
         line,
     ), line
     assert server.stop() == 0
+
+
+def test_an_unusable_spool_path_is_one_clear_line_and_exit_1(processes, tmp_path):
+    config = tmp_path / "wiretap-server.toml"
+    config.write_text(
+        "[postgres]\nenable = true\n"
+        'dsn = "postgresql://nobody@127.0.0.1:1/none"\n'
+        f'cache_path = "{tmp_path}/missing/folder/spool.db"\n'
+    )
+    server = processes("-C", str(config), "--iface", f"replay:{DEMO_LOG}", "--port", "0")
+    assert server.proc.wait(20) == 1
+    server._reader.join(5)
+    errors = [line for line in server.lines if "ERROR" in line]
+    assert len(errors) == 1 and "cannot start:" in errors[0], server.lines

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -214,7 +215,8 @@ class App:
         for source in self.sources:
             source.join(2.0)
         self.broker.stop(2.0)
-        self.server.shutdown()
+        if self._server_thread.is_alive():
+            self.server.shutdown()
         self.server.server_close()
         for client in self.hub.clients:
             client.stop_writer()
@@ -243,7 +245,13 @@ def run(config: Config) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    app.start()
+    try:
+        app.start()
+    except (OSError, sqlite3.Error) as exc:
+        # The database spool could not be opened (cache_path in a missing or read-only folder).
+        log.error("cannot start: %s", exc)
+        app.stop()
+        return 1
     while not stop.wait(1.0):
         pass
     app.stop()
