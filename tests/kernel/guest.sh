@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Inside the VM (started by run-in-vm.sh): runs the vcan tier and leaves pytest's exit code in
 # RESULTS/exit-code. The guest sees the host's filesystem read-only, except RESULTS and /tmp.
-# Usage: guest.sh RESULTS PYTHON [extra pytest args]
+# Usage: guest.sh RESULTS PYTHON [extra pytest args | --run COMMAND ARGS...]
 set -u
 results=$1
 python=$2
@@ -14,5 +14,10 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 modprobe vcan
 modprobe can_raw
-"$python" -m pytest -m vcan tests/kernel -rs "$@"
+if [ "${1:-}" = --run ]; then
+    shift
+    "$@"
+else
+    "$python" -m pytest -m vcan tests/kernel -rs "$@"
+fi
 echo $? >"$results/exit-code"

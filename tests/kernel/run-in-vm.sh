@@ -9,6 +9,7 @@
 # tier cannot run it says why and exits 0, except under CI=true, where a skip is a failure.
 #
 # Usage: tests/kernel/run-in-vm.sh [extra pytest args]
+#        tests/kernel/run-in-vm.sh --run COMMAND [ARGS...]   (e.g. tests/kernel/vcan_ceiling.py)
 # Environment: WIRETAP_VENV (default .venv), WIRETAP_VM_KVM=1 to try KVM (much faster where it
 # works), WIRETAP_VM_TIMEOUT seconds for the whole guest run (default 900).
 set -euo pipefail
@@ -37,7 +38,8 @@ host_has_vcan() {
 }
 
 if host_has_vcan; then
-    echo "vcan tier: this kernel has vcan, running the tier without a VM"
+    echo "vcan tier: this kernel has vcan, running without a VM"
+    [ "${1:-}" = --run ] && shift && exec "$@"
     exec "$python" -m pytest -m vcan tests/kernel -rs "$@"
 fi
 
@@ -60,6 +62,8 @@ command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
 command -v cangen >/dev/null || missing+=(can-utils)
 [ -x /bin/busybox ] || command -v busybox >/dev/null || missing+=(busybox-static)
 find_kernel >/dev/null || missing+=(linux-image-amd64)
+# The guest's root filesystem is read-only: PostgreSQL (for the ingest test) is installed here.
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
     [ "$(id -u)" = 0 ] || skip "not root, and the VM needs these Debian packages: ${missing[*]}"
     command -v apt-get >/dev/null || skip "no apt-get to install ${missing[*]}"
