@@ -342,7 +342,7 @@ def pg_rows(conn: Connection, dsn: str, mode: str, rows: int, spool: str) -> Non
     from wiretap.pg.writer import PgWriter
 
     config = dataclasses.replace(
-        PostgresConfig(), enable=True, dsn=dsn, mode=mode, cache_path=spool, queue_size=rows
+        PostgresConfig(), enable=True, dsn=dsn, mode=mode, cache_path=spool, queue_size=2 * rows
     )
     writer = PgWriter(config, "rx")
     base_ns = time.time_ns()
