@@ -20,6 +20,7 @@ from wiretap.frames import (
     CANFD_BRS,
     CANFD_ESI,
     CANFD_FDF,
+    CANFD_FRAME,
     CANFD_MTU,
     FD_LENGTHS,
     ErrorFrame,
@@ -31,6 +32,7 @@ from wiretap.frames import (
     len_to_dlc,
     make_frame,
 )
+from wiretap.gvret import Dialect, encode_frames
 
 TS = 1_700_000_000_123_456_789
 
@@ -249,3 +251,12 @@ def test_classic_round_trip_every_length(length: int, extended: bool) -> None:
 def test_fd_round_trip_every_length(length: int) -> None:
     frame = make_frame(1, 0x1E7, bytes(range(length)), fd=True, brs=True)
     assert decode(encode(frame), 1, 0) == frame
+
+
+def test_fd_frame_with_a_length_no_dlc_has_is_padded_to_the_next_dlc_length() -> None:
+    # A local raw socket may send len 9; a controller would put DLC 9 (12 bytes) on the wire.
+    raw = CANFD_FRAME.pack(0x123, 9, CANFD_FDF, bytes(range(1, 65)))
+    frame = decode(raw, 0, 0)
+    assert frame.data == bytes(range(1, 13))
+    stream, encoded, _ = encode_frames([frame], Dialect.WIRETAP, 0)
+    assert encoded == 1 and stream[10] == 9  # low nibble: DLC 9 = 12 bytes

@@ -679,7 +679,7 @@ def test_encode_frames_round_trip(batch: List[Frame], dialect: Dialect) -> None:
     records = decode_stream(stream)
     assert len(records) == len(sent)
     for frame, record in zip(sent, records):
-        expected_cmd = 0x14 if dialect is Dialect.ESP32RET and len(frame.data) > 8 else 0x00
+        expected_cmd = 0x14 if dialect is Dialect.ESP32RET and frame.fd else 0x00
         assert record == Record(
             expected_cmd,
             ((frame.ts_ns - START_NS) // 1000) % 2**32,
@@ -789,3 +789,12 @@ def test_parser_work_is_bounded_on_a_flood() -> None:
     assert len(events) == 2000 * 4
     garbage = bytes(range(256)) * 400
     assert len(ClientParser().feed(garbage)) <= len(garbage)
+
+
+def test_esp32ret_sends_short_fd_frames_as_cmd_14() -> None:
+    frame = Frame(2, 0x123, False, False, True, True, False, h("11 22 33 44"), START_NS, "rx", 0)
+    stream, encoded, skipped = encode_frames([frame], Dialect.ESP32RET, START_NS)
+    assert stream == h("F1 14 00000000 23010000 04 02 11223344 00")
+    assert (encoded, skipped) == (1, 0)
+    classic, _, _ = encode_frames([frame], Dialect.CLASSIC, START_NS)
+    assert classic == h("F1 00 00000000 23010000 24 11223344 00")

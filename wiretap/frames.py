@@ -63,6 +63,10 @@ FD_LENGTHS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 48, 64)
 """Payload length in bytes for each CAN FD DLC code 0..15 (ISO 11898-1)."""
 
 _LEN_TO_DLC = {length: dlc for dlc, length in enumerate(FD_LENGTHS)}
+FD_DLC_OF_LENGTH = _LEN_TO_DLC
+"""DLC code of each valid CAN FD payload length (0-8, 12, 16, 20, 24, 32, 48, 64)."""
+
+_FD_PADDED_LENGTH = tuple(min(n for n in FD_LENGTHS if n >= length) for length in range(65))
 
 
 def dlc_to_len(dlc: int) -> int:
@@ -133,7 +137,9 @@ def decode(
         fd = True
         brs = bool(flags & CANFD_BRS)
         esi = bool(flags & CANFD_ESI)
-        length = min(length, 64)
+        # A local raw socket may send any len (vcan passes 9 on); a controller would pad it to
+        # the next DLC length (can_fd_len2dlc), and the encoders count on valid lengths.
+        length = _FD_PADDED_LENGTH[min(length, 64)]
     else:
         return None
     if can_id & CAN_ERR_FLAG:

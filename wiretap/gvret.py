@@ -16,7 +16,7 @@ import enum
 import struct
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-from .frames import FD_LENGTHS, Frame, is_valid_fd_length
+from .frames import FD_DLC_OF_LENGTH, Frame, is_valid_fd_length
 
 START = 0xF1
 BINARY_MODE = 0xE7
@@ -310,7 +310,6 @@ Followed by the data and one ``00``."""
 _CLASSIC_CMD = b"\xf1\x00"
 _FD_CMD = b"\xf1\x14"
 _TRAILER = b"\x00"
-_FD_DLC = {length: dlc for dlc, length in enumerate(FD_LENGTHS)}
 
 
 def timestamp_us(ts_ns: int, start_ns: int) -> int:
@@ -331,12 +330,14 @@ def encode_frames(
         ts = ((frame.ts_ns - start_ns) // 1000) & 0xFFFFFFFF
         data = frame.data
         length = len(data)
-        if length <= 8:
+        if dialect is Dialect.ESP32RET and frame.fd:
+            # cmd 00 is for classic frames only in this dialect (gvret.md §3)
+            append(FD_FRAME.pack(_FD_CMD, ts, raw_id, length, frame.bus & 0xFF))
+        elif length <= 8:
             append(pack_classic(_CLASSIC_CMD, ts, raw_id, (frame.bus & 0x0F) << 4 | length))
         elif dialect is Dialect.WIRETAP:
-            append(
-                pack_classic(_CLASSIC_CMD, ts, raw_id, (frame.bus & 0x0F) << 4 | _FD_DLC[length])
-            )
+            dlc = FD_DLC_OF_LENGTH[length]
+            append(pack_classic(_CLASSIC_CMD, ts, raw_id, (frame.bus & 0x0F) << 4 | dlc))
         elif dialect is Dialect.ESP32RET:
             append(FD_FRAME.pack(_FD_CMD, ts, raw_id, length, frame.bus & 0xFF))
         else:
