@@ -197,8 +197,10 @@ class PgWriter:
         self._stopping = threading.Event()
         self._stop_deadline = float("inf")
         self._thread: Optional[threading.Thread] = None
+        self._in_flight = 0  # frames taken from the queue and not yet stored or spooled
         self._spool: Optional[Spool] = None
         self._conn: Optional[psycopg2.extensions.connection] = None
+        self._backend_pid: Optional[int] = None
 
         self._marks = [int(self._queue_size * fraction) for fraction in HIGH_WATER_MARKS]
         self._next_mark = 0  # index into _marks of the next level to warn about
@@ -280,17 +282,47 @@ class PgWriter:
         self._thread.start()
 
     def stop(self, timeout: float = 8.0) -> None:
-        """Write the queue to PostgreSQL, or to the spool if it is down; then stop the thread."""
+        """Write the queue to PostgreSQL, or to the spool if it is down; then stop the thread.
+
+        A statement still running at three quarters of ``timeout`` (a table lock, a database
+        that stopped answering) is cancelled, so the thread parks its batch and the queue in the
+        spool in the time left instead of being cut off at exit with them.
+        """
         if self._thread is None or not self._thread.is_alive():
             return
-        # Keep a quarter of the time for parking whatever the database did not take.
-        self._stop_deadline = time.monotonic() + timeout * 0.75
+        started = time.monotonic()
+        self._stop_deadline = started + timeout * 0.75
         self._stopping.set()
         self._wake.set()
-        self._thread.join(timeout)
+        self._thread.join(self._stop_deadline - started)
         if self._thread.is_alive():
-            log.error("pg-writer did not stop within %.1f s, %d frames still queued", timeout,
-                      len(self._queue))  # fmt: skip
+            self._cancel_statement()
+            self._thread.join(max(started + timeout - time.monotonic(), 0.0))
+        if self._thread.is_alive():
+            log.error("pg-writer did not stop within %.1f s: %d frames lost (queued or in flight)",
+                      timeout, len(self._queue) + self._in_flight)  # fmt: skip
+
+    def _cancel_statement(self) -> None:
+        """Ask the server to cancel the writer's running statement, over a connection of its own
+        in a thread of its own. Not ``conn.cancel()``: psycopg2 holds the GIL through libpq's
+        cancel request, whose connect has no timeout, so an unreachable host would freeze the
+        whole process instead of this one thread."""
+        pid = self._backend_pid
+        if self._conn is None or pid is None:
+            return
+
+        def cancel() -> None:
+            try:
+                with contextlib.closing(psycopg2.connect(
+                    self._dsn, application_name=APPLICATION_NAME, connect_timeout="2"
+                )) as conn:  # fmt: skip
+                    conn.autocommit = True
+                    with conn.cursor() as cur:
+                        cur.execute("SELECT pg_cancel_backend(%s)", (pid,))
+            except psycopg2.Error as error:
+                log.warning("cannot cancel the writer's statement: %s", _reason(error))
+
+        threading.Thread(target=cancel, name="pg-cancel", daemon=True).start()
 
     def counters(self) -> Dict[str, int]:
         """``spooled`` is the number of frames in the spool now; ``dropped`` includes rows the
@@ -409,15 +441,19 @@ class PgWriter:
         ]  # fmt: skip
 
     def _store(self, frames: List[Frame]) -> None:
-        rows = self._to_rows(frames)
+        self._in_flight = len(frames)
         try:
-            self._write(rows)
-        except _Unavailable as failure:
-            self._lose_connection(failure.reason)
-            # The spool is empty here, so the failed rows become its oldest; what does not fit
-            # goes back to the front of the queue.
-            kept = self._spool_rows(rows[failure.done :])
-            self._queue.extendleft(reversed(frames[failure.done + kept :]))
+            rows = self._to_rows(frames)
+            try:
+                self._write(rows)
+            except _Unavailable as failure:
+                self._lose_connection(failure.reason)
+                # The spool is empty here, so the failed rows become its oldest; what does not
+                # fit goes back to the front of the queue.
+                kept = self._spool_rows(rows[failure.done :])
+                self._queue.extendleft(reversed(frames[failure.done + kept :]))
+        finally:
+            self._in_flight = 0
 
     def _drain_batch(self) -> None:
         if not self._draining:
@@ -506,6 +542,7 @@ class PgWriter:
         except psycopg2.Error as error:
             self._lose_connection(_reason(error))
             return
+        self._backend_pid = conn.get_backend_pid()
         self._conn = conn
         log.info("connected to PostgreSQL: %s", mask_dsn(self._dsn))
 
