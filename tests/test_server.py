@@ -323,3 +323,35 @@ def test_beacon_announces_the_server():
         finally:
             beacon.stop()
     assert received == [bytes.fromhex("1CEFACED")] * 3
+
+
+def test_a_client_that_never_reads_its_replies_is_disconnected(harness, bus_factory, caplog):
+    app = harness.start("--iface", "can0", buses={"can0": bus_factory()})
+    other = GvretClient(app.port, hello=b"\xf1\x09")
+    flooder = socket.create_connection(("127.0.0.1", app.port))
+    flooder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    with caplog.at_level(logging.WARNING, logger="wiretap.server"):
+        try:
+            for _ in range(100):
+                flooder.sendall(b"\xf1\x09" * 5000)
+        except OSError:
+            pass  # the server hung up on it: that is the point
+        wait_until(
+            lambda: "does not read the replies, disconnecting" in caplog.text,
+            what="the flooder to be dropped",
+        )
+    wait_until(lambda: len(app.hub.clients) == 1)
+    other.send(b"\xf1\x09")
+    other.wait_reply(0x09, 2)
+    flooder.close()
+
+
+def test_refused_transmits_count_in_tx_fail(harness, bus_factory):
+    app = harness.start("--iface", "can0", "--read-only", buses={"can0": bus_factory()})
+    client = GvretClient(app.port)
+    client.send(bytes.fromhex("F100 23010000 00 01 11 00") * 4 + b"\xf1\x09")
+    client.wait_reply(0x09)
+    assert app.counters()["tx_fail"] == 4
+    client.close()
+    wait_until(lambda: not app.hub.clients)
+    assert app.counters()["tx_fail"] == 4

@@ -179,8 +179,11 @@ class App:
         for source in self.sources:
             for name, value in source.counters().items():
                 values[name] = int(values.get(name, 0)) + value  # type: ignore[call-overload]
+        values["tx_fail"] = int(values.get("tx_fail", 0)) + self.hub.transmits_refused()
         if self.pg is not None:
             values.update(self.pg.counters())
+        # Frames the broker could not queue were lost for every consumer, the database included.
+        values["dropped"] = int(values.get("dropped", 0)) + self.broker.overflow.total
         return values
 
     def start(self) -> None:

@@ -29,6 +29,9 @@ DROP_LOG_INTERVAL_S = 10.0
 COALESCE_S = 0.002
 COALESCE_BELOW = 64  # a batch this small waits COALESCE_S for the next reads to join it
 MAX_DELIVERY = 2048  # frames per delivery: well inside a client's outbox (~13,000 frames)
+# Frames read but not yet dispatched, at most: ~28 s of a saturated 1 Mbit/s bus, ~50 MB. Only a
+# dispatcher that stopped keeping up (a consumer breaking the never-block rule) gets near it.
+MAX_QUEUED_FRAMES = 250_000
 
 
 class Consumer(Protocol):
@@ -102,8 +105,11 @@ class Mailbox:
 class Broker:
     """Sources ``publish`` batches; the dispatcher thread offers each batch to every consumer."""
 
-    def __init__(self, max_batches: int = 100_000) -> None:
-        self._queue: queue.Queue[List[Frame] | None] = queue.Queue(max_batches)
+    def __init__(self, max_queued_frames: int = MAX_QUEUED_FRAMES) -> None:
+        self._queue: queue.Queue[List[Frame] | None] = queue.Queue()
+        self.max_queued_frames = max_queued_frames
+        self._queued_frames = 0
+        self._queued_lock = threading.Lock()
         self._consumers: List[Consumer] = []
         self._consumers_lock = threading.Lock()
         self._thread = threading.Thread(target=self._dispatch, name="dispatcher", daemon=True)
@@ -119,13 +125,20 @@ class Broker:
             self._consumers = [c for c in self._consumers if c is not consumer]
 
     def publish(self, frames: List[Frame]) -> None:
-        """Hand a batch over; called from reader threads, never blocks."""
+        """Hand a batch over; called from reader threads, never blocks: beyond
+        ``max_queued_frames`` waiting, the batch is dropped and counted (``overflow``)."""
         if not frames:
             return
-        try:
-            self._queue.put_nowait(frames)
-        except queue.Full:
+        with self._queued_lock:
+            if self._queued_frames + len(frames) > self.max_queued_frames:
+                full = True
+            else:
+                full = False
+                self._queued_frames += len(frames)
+        if full:
             self.overflow.add(len(frames))
+        else:
+            self._queue.put_nowait(frames)
 
     def start(self) -> None:
         self._thread.start()
@@ -148,6 +161,7 @@ class Broker:
                 # A quiet moment: let a few more reads arrive so that each consumer wakes (and
                 # each client is written to) once per few ms, not once per frame.
                 time.sleep(COALESCE_S)
+            merged = None
             while len(frames) < MAX_DELIVERY:
                 try:
                     more = get_nowait()
@@ -156,7 +170,11 @@ class Broker:
                 if more is None:
                     stopping = True
                     break
-                frames = frames + more
+                if merged is None:
+                    merged = frames = list(frames)
+                merged.extend(more)
+            with self._queued_lock:
+                self._queued_frames -= len(frames)
             self.frames_in += len(frames)
             for consumer in self._consumers:
                 try:

@@ -23,7 +23,7 @@ import socket
 import socketserver
 import threading
 import time
-from typing import Callable, Deque, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Iterable, List, Optional, Sequence, Set, Tuple
 
 from . import gvret
 from .broker import DropReporter
@@ -33,6 +33,7 @@ log = logging.getLogger("wiretap.server")
 
 SEND_BUFFER = 32 * 1024  # the kernel doubles it: ~64 KB in flight at most (gvret.md §3)
 OUTBOX_FRAME_BYTES = 256 * 1024
+REPLY_BYTES = 64 * 1024  # unread replies: a client that only sends keepalives must not pin memory
 WRITE_CHUNK = 16 * 1024
 STALL_TIMEOUT_S = 30.0
 SOCKET_POLL_S = 0.5
@@ -53,13 +54,19 @@ class Outbox:
         self._replies: Deque[bytes] = collections.deque()
         self._frames: Deque[bytes] = collections.deque()
         self._frame_bytes = 0
+        self._reply_bytes = 0
         self._ready = threading.Condition(threading.Lock())
         self.closed = False
 
-    def put_reply(self, data: bytes) -> None:
+    def put_reply(self, data: bytes) -> bool:
+        """Queue a reply; False when the client has left ``REPLY_BYTES`` of replies unread."""
         with self._ready:
+            if self._reply_bytes + len(data) > REPLY_BYTES:
+                return False
             self._replies.append(data)
+            self._reply_bytes += len(data)
             self._ready.notify()
+            return True
 
     def put_frames(self, data: bytes, count: int) -> bool:
         """Queue encoded frames; False (and counted as dropped) when the client is too far
@@ -84,6 +91,7 @@ class Outbox:
             if self._replies:
                 data = b"".join(self._replies)
                 self._replies.clear()
+                self._reply_bytes = 0
                 return data
             if not self._frames:
                 return None
@@ -213,6 +221,7 @@ class ClientHub:
         self._clients: Tuple[ClientConnection, ...] = ()
         self._lock = threading.Lock()
         self.dropped_by_gone_clients = 0
+        self.refused_by_gone_clients = 0
 
     @property
     def clients(self) -> Tuple[ClientConnection, ...]:
@@ -226,9 +235,13 @@ class ClientHub:
         with self._lock:
             self._clients = tuple(c for c in self._clients if c is not client)
             self.dropped_by_gone_clients += client.outbox.drops.total
+            self.refused_by_gone_clients += client.tx_refused
 
     def client_drops(self) -> int:
         return self.dropped_by_gone_clients + sum(c.outbox.drops.total for c in self._clients)
+
+    def transmits_refused(self) -> int:
+        return self.refused_by_gone_clients + sum(c.tx_refused for c in self._clients)
 
     def deliver(self, frames: Sequence[Frame]) -> None:
         clients = self._clients
@@ -284,7 +297,7 @@ class GvretServer(socketserver.ThreadingTCPServer):
         self.fixed_dialect = None if dialect == "auto" else gvret.Dialect(dialect)
         self._active = 0
         self._active_lock = threading.Lock()
-        self.connections = 0
+        self._admitted: Set[socket.socket] = set()
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, GvretHandler)
 
@@ -307,12 +320,21 @@ class GvretServer(socketserver.ThreadingTCPServer):
                 )
                 return False
             self._active += 1
-            self.connections += 1
+            self._admitted.add(request)
         return True
 
-    def release(self) -> None:
+    def release(self, request: socket.socket) -> None:
+        """Give back the max_clients slot of ``request``; safe to call more than once."""
         with self._active_lock:
-            self._active -= 1
+            if request in self._admitted:
+                self._admitted.discard(request)
+                self._active -= 1
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        # Called for every request, admitted or refused, whatever became of its handler: the
+        # slot is given back here even if the handler's setup failed.
+        self.release(request)
+        super().shutdown_request(request)
 
 
 def _address(client_address: Tuple) -> str:
@@ -352,12 +374,17 @@ class GvretHandler(socketserver.BaseRequestHandler):
                 break
             if not data:
                 break
-            self._handle_events(parser.feed(data))
+            if not self._handle_events(parser.feed(data)):
+                log.warning(
+                    "client %s: sends commands but does not read the replies, disconnecting",
+                    self.who,
+                )
+                break
 
     def finish(self) -> None:
         client = self.client
         self.server.hub.remove(client)
-        self.server.release()
+        self.server.release(self.request)
         client.stop_writer()
         log.info(
             "client %s: disconnected (%d frames sent, %d dropped)",
@@ -366,7 +393,8 @@ class GvretHandler(socketserver.BaseRequestHandler):
             client.outbox.drops.total,
         )
 
-    def _handle_events(self, events: List[gvret.Event]) -> None:
+    def _handle_events(self, events: List[gvret.Event]) -> bool:
+        """Act on a read's events; False when the client must be disconnected."""
         client = self.client
         device = self.server.device
         go_binary = False
@@ -382,8 +410,8 @@ class GvretHandler(socketserver.BaseRequestHandler):
                     # Only SavvyCAN sends these, and it cannot show FD frames (gvret.md §3).
                     client.dialect = gvret.Dialect.CLASSIC
                 reply = gvret.reply_for(event, device)
-                if reply is not None:
-                    client.outbox.put_reply(reply)
+                if reply is not None and not client.outbox.put_reply(reply):
+                    return False
             elif isinstance(event, gvret.Setting):
                 log.info(
                     "client %s: ignoring command %02X %s (the server does not reconfigure "
@@ -401,6 +429,7 @@ class GvretHandler(socketserver.BaseRequestHandler):
         if go_binary and not client.streaming:
             client.streaming = True
             log.info("client %s: binary mode, dialect %s", self.who, client.dialect.value)
+        return True
 
     def _transmit(self, event: gvret.Transmit) -> None:
         client = self.client
