@@ -189,6 +189,28 @@ def test_deleted_interface_is_reopened_by_name_when_it_comes_back(
     assert server.stop()["rx"] == 2
 
 
+def test_interface_replaced_at_once_logs_one_loss_and_one_recovery(
+    vcan: Callable[..., str], wiretap_server: StartServer
+) -> None:
+    # Deleted and re-created before the reader's first reopen attempt (a USB adapter re-plugged
+    # quickly): the reopen may succeed at once, and the recovery must still be logged.
+    iface = vcan("vcan0")
+    server = server_on(wiretap_server, [iface])
+    (client,) = connect(server)
+    with client:
+        ip_link("del", iface)
+        add_vcan(iface)
+        server.wait_for_log("vcan0: interface is gone")
+        wait_for_readers(iface, 1)
+        cansend(iface, "103#03")
+        frames = client.read_frames(1)
+        server.wait_for_log("vcan0: interface is back")
+    assert [(f.can_id, f.data) for f in frames] == [(0x103, b"\x03")]
+    assert len(server.log_lines("vcan0: interface is gone")) == 1
+    assert len(server.log_lines("vcan0: interface is back")) == 1
+    assert server.stop()["rx"] == 1
+
+
 def test_interface_missing_at_start_is_picked_up_when_it_appears(
     vcan: Callable[..., str], wiretap_server: StartServer
 ) -> None:
