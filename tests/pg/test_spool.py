@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 
+import pytest
+
 from wiretap.pg.spool import ROW_OVERHEAD_BYTES, Spool
 
 
@@ -53,3 +55,30 @@ def test_the_file_is_in_wal_mode(tmp_path):
     Spool(path, 1 << 20).close()
     with sqlite3.connect(path) as db:
         assert db.execute("pragma journal_mode").fetchone() == ("wal",)
+
+
+def test_rows_marked_stored_are_not_read_again_while_their_delete_fails(tmp_path):
+    path = str(tmp_path / "spool.db")
+    spool = Spool(path, 1 << 20)
+    spool.append(rows(5))
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "create trigger refuse_delete before delete on frames"
+            " begin select raise(abort, 'database or disk is full'); end"
+        )
+    seqs, taken = spool.oldest(3)
+    with pytest.raises(sqlite3.Error):
+        spool.delete(seqs, taken)
+    assert (spool.count, spool.unremoved) == (2, 3)
+    assert spool.oldest(10)[1] == rows(2, 3)
+    assert spool.size_bytes == 5 * (ROW_OVERHEAD_BYTES + 2)  # the file still holds all five
+
+    with sqlite3.connect(path) as db:
+        db.execute("drop trigger refuse_delete")
+    spool.delete([], [])
+    assert (spool.count, spool.unremoved, spool.size_bytes) == (2, 0, 2 * (ROW_OVERHEAD_BYTES + 2))
+    seqs, taken = spool.oldest(10)
+    assert taken == rows(2, 3)
+    spool.delete(seqs, taken)
+    spool.append(rows(1, 7))  # numbered from 1 again in the emptied table: still read
+    assert spool.oldest(10)[1] == rows(1, 7)

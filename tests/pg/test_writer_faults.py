@@ -3,14 +3,16 @@ a spool that stays full through a long drain."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
+from typing import List
 
 import psycopg2
 import pytest
 from pg_helpers import fetch, row_count, wait_for
-from test_writer import numbered
+from test_writer import BASE_NS, numbered, spool_rows
 
-from wiretap.pg.spool import Spool
+from wiretap.pg.spool import Row, Spool
 
 pytestmark = pytest.mark.pg
 
@@ -21,6 +23,29 @@ def spooled_frames(path: Path) -> int:
         return spool.count
     finally:
         spool.close()
+
+
+def numbered_rows(count: int) -> List[Row]:
+    """Spool rows of ``numbered(count)``, as a previous run would have left them."""
+    return [
+        ((BASE_NS + i * 1000) // 1000, 0x100 + i % 0x600, False, 4, False, i.to_bytes(4, "big"), 0,
+         "rx")
+        for i in range(count)
+    ]  # fmt: skip
+
+
+def prefilled_spool(path: Path, count: int) -> None:
+    spool = Spool(str(path), 1 << 30)
+    spool.append(numbered_rows(count))
+    spool.close()
+
+
+def stored_exactly_once_in_order(dsn: str, count: int) -> bool:
+    return fetch(
+        dsn,
+        "select count(*), count(distinct ts),"
+        " array_agg(ts order by row_id) = array_agg(ts order by ts) from public.can_frame",
+    ) == [(count, count, True)]
 
 
 def writer_waits_for_lock(dsn: str) -> bool:
@@ -51,9 +76,28 @@ def test_stop_while_a_statement_is_stuck_parks_everything_in_the_spool(
 
     second = make_writer(pg.dsn)
     wait_for(lambda: second.counters()["spooled"] == 0 and row_count(pg.dsn) >= 250, "drain")
-    assert fetch(
-        pg.dsn,
-        "select count(*), count(distinct ts),"
-        " array_agg(ts order by row_id) = array_agg(ts order by ts) from public.can_frame",
-    ) == [(250, 250, True)]
+    assert stored_exactly_once_in_order(pg.dsn, 250)
     assert "did not stop" not in pg_log.text
+
+
+def test_a_spool_that_cannot_delete_stored_rows_does_not_write_them_again(
+    pg, make_writer, tmp_path, pg_log
+):
+    path = tmp_path / "spool.db"
+    prefilled_spool(path, 500)
+    with sqlite3.connect(path) as db:  # SQLite itself refuses, as it does on a full disk
+        db.execute(
+            "create trigger refuse_delete before delete on frames"
+            " begin select raise(abort, 'database or disk is full'); end"
+        )
+    writer = make_writer(pg.dsn, batch_size=100)
+    wait_for(lambda: writer.counters()["spooled"] == 0, "every spooled row stored")
+    assert stored_exactly_once_in_order(pg.dsn, 500)
+    assert spool_rows(path) == 500  # none deleted: the writer went on by its in-memory mark
+
+    with sqlite3.connect(path) as db:
+        db.execute("drop trigger refuse_delete")
+    wait_for(lambda: spool_rows(path) == 0, "the delete retried")
+    assert stored_exactly_once_in_order(pg.dsn, 500)
+    failures = [r for r in pg_log.records if "cannot delete stored frames" in r.getMessage()]
+    assert len(failures) == 1

@@ -2,12 +2,14 @@
 
 Owns: one SQLite file (standard library, WAL mode) with the rows the writer could not store yet,
 in arrival order; its size bound; reading the oldest rows and deleting them once PostgreSQL has
-committed them. Rows are the writer's tuples ``(ts_us, can_id, extended, dlc, is_fd, data, bus,
-dir)``; the spool does not interpret them. Used by the writer thread only.
+committed them (an in-memory mark keeps committed rows from being read again while their delete
+fails, e.g. on a full disk). Rows are the writer's tuples ``(ts_us, can_id, extended, dlc, is_fd,
+data, bus, dir)``; the spool does not interpret them. Used by the writer thread only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from typing import Iterable, List, Sequence, Tuple
 
@@ -51,8 +53,12 @@ class Spool:
         count, payload = self._db.execute(
             "select count(*), coalesce(sum(length(data)), 0) from frames"
         ).fetchone()
-        self.count: int = count
+        self.count: int = count  # rows not yet stored in PostgreSQL
         self.size_bytes: int = payload + count * ROW_OVERHEAD_BYTES
+        # Rows up to _stored_seq are in PostgreSQL but still in the file: their delete failed.
+        self._stored_seq = 0
+        self.unremoved = 0
+        self._unremoved_bytes = 0
 
     def room_bytes(self) -> int:
         return max(self.max_bytes - self.size_bytes, 0)
@@ -71,29 +77,40 @@ class Spool:
         self.size_bytes += sum(map(row_cost, rows))
 
     def oldest(self, limit: int) -> Tuple[List[int], List[Row]]:
-        """Up to ``limit`` of the oldest rows, and their sequence numbers."""
+        """Up to ``limit`` of the oldest rows not yet stored, and their sequence numbers."""
         seqs: List[int] = []
         rows: List[Row] = []
         for seq, ts_us, can_id, extended, dlc, is_fd, data, bus, direction in self._db.execute(
-            "select * from frames order by seq limit ?", (limit,)
+            "select * from frames where seq > ? order by seq limit ?", (self._stored_seq, limit)
         ):
             seqs.append(seq)
             rows.append((ts_us, can_id, bool(extended), dlc, bool(is_fd), data, bus, direction))
         return seqs, rows
 
     def delete(self, seqs: Sequence[int], rows: Iterable[Row]) -> None:
-        """Forget the oldest rows up to ``seqs[-1]`` (``rows`` are them, for the size bound)."""
-        if not seqs:
+        """Mark the oldest rows up to ``seqs[-1]`` as stored (``rows`` are them, for the size
+        bound): :meth:`oldest` and ``count`` leave them out from now on. Then delete every stored
+        row from the file; ``sqlite3.Error`` when that fails, and the next call (``seqs`` may be
+        empty) tries again."""
+        if seqs:
+            self._stored_seq = seqs[-1]
+            self.count -= len(seqs)
+            self.unremoved += len(seqs)
+            self._unremoved_bytes += sum(map(row_cost, rows))
+        if not self.unremoved:
             return
         with self._db:  # one transaction: commit, or rollback on error
-            self._db.execute("delete from frames where seq <= ?", (seqs[-1],))
-        self.count -= len(seqs)
-        self.size_bytes -= sum(map(row_cost, rows))
+            self._db.execute("delete from frames where seq <= ?", (self._stored_seq,))
+        self.size_bytes -= self._unremoved_bytes
+        # An emptied table numbers new rows from 1 again, so the mark must not outlive its rows.
+        self._stored_seq = self.unremoved = self._unremoved_bytes = 0
         if self.count == 0:
             self.size_bytes = 0
 
     def close(self) -> None:
-        if self.count == 0:
+        if self.count == 0 and not self.unremoved:
             # Reclaim the pages an outage left behind; an empty spool should be a small file.
-            self._db.execute("vacuum")
+            # Only a nicety: on a full disk it fails, and the file stays as it is.
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("vacuum")
         self._db.close()

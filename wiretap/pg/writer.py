@@ -56,6 +56,7 @@ HIGH_WATER_MARKS = (0.80, 0.95)
 SPILL_FRACTION = HIGH_WATER_MARKS[0]
 SPOOL_CHUNK_ROWS = 20_000
 IDLE_WAIT_S = 0.5
+SPOOL_DELETE_RETRY_S = 1.0
 # A func that rejects everything must not flood the journal: rejected frames are logged one by one
 # up to this many per interval (all of them are counted).
 REJECT_LOG_BURST = 20
@@ -211,6 +212,8 @@ class PgWriter:
         self._outage = False  # "database unavailable" already said for the current outage
         self._draining = False
         self._spool_full_logged = False
+        self._delete_failing = False
+        self._next_delete = 0.0
         self._backoff = BACKOFF_START_S
         self._next_attempt = 0.0
         self._last_take = 0.0
@@ -359,6 +362,8 @@ class PgWriter:
         if self._next_mark and len(self._queue) < self._queue_size // 2:
             self._next_mark = 0
             self._full_logged = False
+        if self._spool.unremoved and time.monotonic() >= self._next_delete:
+            self._delete_stored((), ())
         if (
             self._conn is None
             and not self._stopping.is_set()
@@ -392,6 +397,15 @@ class PgWriter:
 
     def _shutdown(self) -> None:
         self._park_queue()
+        if self._spool.unremoved:
+            self._delete_stored((), ())
+        if self._spool.unremoved:
+            log.error(
+                "spool %s still holds %d frames already stored in PostgreSQL;"
+                " the next start writes them again",
+                self._cache_path,
+                self._spool.unremoved,
+            )
         left = len(self._queue)
         if left:
             self._queue.clear()
@@ -463,13 +477,29 @@ class PgWriter:
         try:
             self._write(rows)
         except _Unavailable as failure:
-            self._spool.delete(seqs[: failure.done], rows[: failure.done])
+            self._delete_stored(seqs[: failure.done], rows[: failure.done])
             self._lose_connection(failure.reason)
             return
-        self._spool.delete(seqs, rows)
+        self._delete_stored(seqs, rows)
         if not self._spool.count:
             self._draining = False
             log.info("cached frames drained, back to live ingest")
+
+    def _delete_stored(self, seqs: Sequence[int], rows: Sequence[Row]) -> None:
+        """Take committed rows out of the spool. A failed delete (a full disk) is retried every
+        ``SPOOL_DELETE_RETRY_S``; the spool's mark keeps the rows from being written again."""
+        try:
+            self._spool.delete(seqs, rows)
+        except sqlite3.Error as error:
+            self._next_delete = time.monotonic() + SPOOL_DELETE_RETRY_S
+            if not self._delete_failing:
+                self._delete_failing = True
+                log.error("cannot delete stored frames from spool %s: %s; retrying every %g s",
+                          self._cache_path, error, SPOOL_DELETE_RETRY_S)  # fmt: skip
+            return
+        if self._delete_failing:
+            self._delete_failing = False
+            log.info("deleted the stored frames from spool %s", self._cache_path)
 
     def _park_queue(self, limit: Optional[int] = None) -> None:
         """Move frames (up to ``limit``) from the queue's head to the spool, as many as fit."""
