@@ -173,9 +173,10 @@ def test_pg_func_selects_function_mode_unless_mode_is_given(tmp_path: Path) -> N
 
 
 def test_iface_comma_string_equals_array(tmp_path: Path) -> None:
-    as_string = load(tmp_path, '[server]\niface = "can0, can1,replay:demo.log"\n')
-    as_array = load(tmp_path, '[server]\niface = ["can0", "can1", "replay:demo.log"]\n')
-    assert as_string.server.iface == ("can0", "can1", "replay:demo.log")
+    demo = Path(__file__).resolve().parent.parent / "examples" / "demo.log"
+    as_string = load(tmp_path, f'[server]\niface = "can0, can1,replay:{demo}"\n')
+    as_array = load(tmp_path, f'[server]\niface = ["can0", "can1", "replay:{demo}"]\n')
+    assert as_string.server.iface == ("can0", "can1", f"replay:{demo}")
     assert as_array == as_string
 
 
@@ -405,3 +406,10 @@ def test_shipped_file_documents_every_key() -> None:
     set_keys = {f"{section}.{key}" for section, table in document.items() for key in table}
     assert set_keys == set(ALL_KEYS) - {"postgres.dir"}
     assert re.search(r"^# dir = \"rx\"$", text, re.MULTILINE)
+
+
+def test_a_replay_log_that_cannot_be_read_is_a_configuration_error(tmp_path):
+    missing = tmp_path / "nope.log"
+    with pytest.raises(ConfigError) as caught:
+        load_config(["--iface", f"can0,replay:{missing}"], {})
+    assert any(str(missing) in error and "server.iface" in error for error in caught.value.errors)

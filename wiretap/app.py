@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Mapping, Optional
 
 from . import gvret
 from .broker import Broker
-from .config import Config
+from .config import GVRET_BUS_COUNT, REPLAY_PREFIX, Config
 from .console import ConsoleEcho
 from .frames import Frame
 from .server import Beacon, ClientHub, GvretServer
@@ -31,8 +31,7 @@ from .stats import StatsReporter, format_line
 
 log = logging.getLogger("wiretap.app")
 
-MAX_BUSES = 16
-REPLAY_PREFIX = "replay:"
+SHUTDOWN_S = 9.0  # server.md §5: exit within 10 s of SIGTERM
 SocketFactory = Callable[[], socket.socket]
 
 
@@ -76,7 +75,7 @@ def build_sources(
             )
         sources.append(source)
         bus += source.bus_count
-    if bus > MAX_BUSES:
+    if bus > GVRET_BUS_COUNT:
         raise StartupError(
             f"iface: {bus - server.bus_offset} buses from bus_offset {server.bus_offset} "
             f"need bus numbers up to {bus - 1}; GVRET has 16 (0-15)",
@@ -208,25 +207,34 @@ class App:
             self.beacon.start()
         self.stats.start()
 
-    def stop(self) -> None:
-        """Stop reading, deliver what was read, close clients, flush the database."""
+    def stop(self, timeout: float = SHUTDOWN_S) -> None:
+        """Stop reading, deliver what was read, close clients, flush the database; all within
+        ``timeout`` seconds, most of it left for the database."""
+        deadline = time.monotonic() + timeout
+
+        def budget(at_most: float) -> float:
+            return max(0.1, min(at_most, deadline - time.monotonic()))
+
         self.stats.stop()
         if self.beacon is not None:
             self.beacon.stop()
         for source in self.sources:
             source.stop()
         for source in self.sources:
-            source.join(2.0)
-        self.broker.stop(2.0)
+            source.join(budget(2.0))
+        self.broker.stop(budget(2.0))
         if self._server_thread.is_alive():
             self.server.shutdown()
         self.server.server_close()
-        for client in self.hub.clients:
-            client.stop_writer()
+        clients = self.hub.clients
+        for client in clients:  # all at once: a stalled client's writer unblocks on shutdown
+            client.close()
+        for client in clients:
+            client.stop_writer(budget(1.0))
         if self.echo is not None:
-            self.echo.stop()
+            self.echo.stop(budget(1.0))
         if self.pg is not None:
-            self.pg.stop(5.0)
+            self.pg.stop(budget(timeout))
         log.info("%s", format_line(self.stats.snapshot()))
 
 

@@ -228,6 +228,9 @@ def _interfaces(value: Any, textual: bool) -> Tuple[str, ...]:
         if name.startswith(REPLAY_PREFIX):
             if name == REPLAY_PREFIX:
                 raise _Invalid("replay: needs a file path, e.g. replay:demo.log")
+            path = name[len(REPLAY_PREFIX) :]
+            if not os.access(path, os.R_OK) or os.path.isdir(path):
+                raise _Invalid(f"replay log {json.dumps(path)} is not a readable file")
         elif len(name) >= IFNAMSIZ or any(c.isspace() or c == "/" for c in name):
             raise _Invalid(
                 f"{json.dumps(name)} is not an interface name "

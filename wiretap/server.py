@@ -134,10 +134,16 @@ class ClientConnection:
     def start_writer(self) -> None:
         self._writer.start()
 
-    def stop_writer(self) -> None:
+    def close(self) -> None:
+        """End the connection: the writer stops, and a send or recv blocked on it returns."""
+        self.outbox.close()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def stop_writer(self, timeout: float = 2.0) -> None:
         self.outbox.close()
         if self._writer.is_alive() and threading.current_thread() is not self._writer:
-            self._writer.join(2.0)
+            self._writer.join(timeout)
 
     def add_frames(self, data: bytes, count: int, fd_skipped: int) -> None:
         if fd_skipped:
