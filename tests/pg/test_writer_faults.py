@@ -12,7 +12,7 @@ import pytest
 from pg_helpers import fetch, row_count, wait_for
 from test_writer import BASE_NS, numbered, spool_rows
 
-from wiretap.pg.spool import Row, Spool
+from wiretap.pg.spool import Row, Spool, row_cost
 
 pytestmark = pytest.mark.pg
 
@@ -101,3 +101,15 @@ def test_a_spool_that_cannot_delete_stored_rows_does_not_write_them_again(
     assert stored_exactly_once_in_order(pg.dsn, 500)
     failures = [r for r in pg_log.records if "cannot delete stored frames" in r.getMessage()]
     assert len(failures) == 1
+
+
+def test_a_spool_full_through_a_long_drain_is_logged_once(pg, make_writer, tmp_path, pg_log):
+    prefilled_spool(tmp_path / "spool.db", 200)
+    spool_max_mb = 200 * row_cost(numbered_rows(1)[0]) / (1024 * 1024)  # full already
+    writer = make_writer(pg.dsn, queue_size=1000, batch_size=20, cache_max_mb=spool_max_mb)
+    # Above the spill level for 10 drained batches: each one frees room that the queue refills.
+    writer.deliver(numbered(1000, 200))
+    wait_for(lambda: writer.counters()["spooled"] == 0 and row_count(pg.dsn) >= 1200, "drain")
+    assert stored_exactly_once_in_order(pg.dsn, 1200)
+    assert writer.counters()["dropped"] == 0
+    assert sum(" is full " in r.getMessage() for r in pg_log.records) == 1

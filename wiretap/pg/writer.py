@@ -57,6 +57,10 @@ SPILL_FRACTION = HIGH_WATER_MARKS[0]
 SPOOL_CHUNK_ROWS = 20_000
 IDLE_WAIT_S = 0.5
 SPOOL_DELETE_RETRY_S = 1.0
+# "Spool is full" is said again only once this share of it is free: during a long drain each
+# batch frees a little room that the queue fills at once, and that is one condition, not many.
+SPOOL_FULL_CLEAR_FRACTION = 0.10
+SPOOL_ERROR_LOG_INTERVAL_S = 10.0
 # A func that rejects everything must not flood the journal: rejected frames are logged one by one
 # up to this many per interval (all of them are counted).
 REJECT_LOG_BURST = 20
@@ -212,6 +216,7 @@ class PgWriter:
         self._outage = False  # "database unavailable" already said for the current outage
         self._draining = False
         self._spool_full_logged = False
+        self._spool_error_logged_at = float("-inf")
         self._delete_failing = False
         self._next_delete = 0.0
         self._backoff = BACKOFF_START_S
@@ -500,6 +505,8 @@ class PgWriter:
         if self._delete_failing:
             self._delete_failing = False
             log.info("deleted the stored frames from spool %s", self._cache_path)
+        if self._spool.room_bytes() > self._cache_max_bytes * SPOOL_FULL_CLEAR_FRACTION:
+            self._spool_full_logged = False
 
     def _park_queue(self, limit: Optional[int] = None) -> None:
         """Move frames (up to ``limit``) from the queue's head to the spool, as many as fit."""
@@ -543,8 +550,9 @@ class PgWriter:
             self._spool.append(rows)
         except sqlite3.Error as error:
             # e.g. the disk is full: the frames stay in the queue, which is bounded and counted.
-            if not self._spool_full_logged:
-                self._spool_full_logged = True
+            now = time.monotonic()
+            if now - self._spool_error_logged_at >= SPOOL_ERROR_LOG_INTERVAL_S:
+                self._spool_error_logged_at = now
                 log.error("cannot write spool %s: %s", self._cache_path, error)
             return False
         return True
@@ -601,7 +609,6 @@ class PgWriter:
             self._outage = False
             log.info("database available again")
         self._backoff = BACKOFF_START_S
-        self._spool_full_logged = False
 
     def _write_range(self, rows: List[Row], lo: int, hi: int) -> None:
         conn = self._conn
