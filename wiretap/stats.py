@@ -63,4 +63,7 @@ class StatsReporter:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            log.info("%s", format_line(self.snapshot()))
+            try:
+                log.info("%s", format_line(self.snapshot()))
+            except Exception:
+                log.exception("stats: could not collect the counters")

@@ -177,6 +177,7 @@ class SocketCanSource(Source):
         self._pending: Deque[Tuple[bytes, int]] = collections.deque(maxlen=PENDING_CONFIRMATIONS)
         self._pending_lock = threading.Lock()
         self._bitrate: Optional[int] = None
+        self._bitrate_fallback_logged = False
         self._listen_only = False
         self._down = False
         self._gone = False
@@ -223,6 +224,12 @@ class SocketCanSource(Source):
                 return
             try:
                 self._read(sock)
+            except Exception:
+                # Not an interface problem but a bug: say so loudly, then read on from a fresh
+                # socket rather than leave the bus silent while the server seems fine.
+                log.exception("%s: reader failed, reopening the interface", self.name)
+                self._gone = True
+                self._stop.wait(1.0)
             finally:
                 self._sock = None
                 sock.close()
@@ -233,9 +240,14 @@ class SocketCanSource(Source):
         delay = 0.5
         reported: Optional[str] = None
         while not self._stop.is_set():
+            sock: Optional[socket.socket] = None
             try:
                 sock = self._open_socket()
+                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
+                sock.setblocking(False)
             except OSError as exc:
+                if sock is not None:
+                    sock.close()
                 reason = exc.strerror or str(exc)
                 if exc.errno == errno.ENODEV:
                     reason = "no such interface"
@@ -250,11 +262,10 @@ class SocketCanSource(Source):
                 self._stop.wait(delay)
                 delay = min(delay * 2, REOPEN_BACKOFF_MAX_S)
                 continue
-            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
-            sock.setblocking(False)
             self._sock = sock
             if self._is_can_socket:
                 self._read_link()
+                self._check_down_at_open()
             if reported is not None or self._gone:
                 self._gone = False
                 log.info("%s: interface is back, reading again", self.name)
@@ -263,13 +274,16 @@ class SocketCanSource(Source):
 
     def _read_link(self) -> None:
         bitrate, self._listen_only = read_link_info(self.name)
-        if bitrate is None and self._bitrate is None:
+        if bitrate is None and not self._bitrate_fallback_logged:
+            self._bitrate_fallback_logged = True
             log.info(
                 "%s: the kernel reports no bit rate, reporting %d to clients",
                 self.name,
                 DEFAULT_BITRATE,
             )
         self._bitrate = bitrate
+
+    def _check_down_at_open(self) -> None:
         if _operstate(self.name) == "down" and not self._down:
             self._down = True
             log.warning("%s: interface is down", self.name)
@@ -320,6 +334,8 @@ class SocketCanSource(Source):
         if self._down:
             self._down = False
             log.info("%s: reading again", self.name)
+            if self._is_can_socket:
+                self._read_link()  # the bit rate may have been changed while it was down
         self.frames_read += len(batch)
         publish(batch)
 
