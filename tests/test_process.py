@@ -182,3 +182,24 @@ def test_an_unusable_spool_path_is_one_clear_line_and_exit_1(processes, tmp_path
     server._reader.join(5)
     errors = [line for line in server.lines if "ERROR" in line]
     assert len(errors) == 1 and "cannot start:" in errors[0], server.lines
+
+
+def test_sigterm_with_stalled_clients_still_exits_within_10_s(processes):
+    server = processes(
+        "--iface", f"replay:{DEMO_LOG}", "--replay-speed", "50", "--replay-loop",
+        "--port", "0", "--stats-interval", "0",
+    )  # fmt: skip
+    port = server.wait_listening()
+    stalled = []
+    for _ in range(8):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"\xe7\xe7")  # binary mode, then never read
+        stalled.append(sock)
+    deadline = time.monotonic() + 30
+    while not any("is not keeping up" in line for line in server.lines):
+        assert time.monotonic() < deadline, "no client fell behind"
+        time.sleep(0.05)
+    assert server.stop(signal.SIGTERM, timeout=10) == 0
+    for sock in stalled:
+        sock.close()
