@@ -205,17 +205,25 @@ def test_poisoned_rows_are_logged_counted_and_skipped(pg, make_writer, pg_log):
     assert "BEEF" in rejections[1] and "can_frame_dir_check" in rejections[1]
 
 
-def test_unreachable_database_at_start_spools_and_says_so(make_writer, tmp_path, pg_log):
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "host=127.0.0.1 port={port} user=nobody password=hunter2 dbname=x",
+        "postgresql://nobody:hunter2@127.0.0.1:{port}/x",
+        "host=127.0.0.1 port={port} password='hunter2",  # libpq cannot parse it
+    ],
+)
+def test_unreachable_database_at_start_spools_and_says_so(make_writer, tmp_path, pg_log, dsn):
     from pgcluster import free_port
 
-    dsn = f"host=127.0.0.1 port={free_port()} user=nobody password=hunter2 dbname=x"
-    writer = make_writer(dsn)
+    writer = make_writer(dsn.format(port=free_port()))
     writer.deliver(numbered(10))
     wait_for(lambda: writer.counters()["spooled"] == 10, "frames spooled")
     assert writer.counters()["conn"] == 0
     writer.stop()
     assert spool_rows(tmp_path / "spool.db") == 10
     assert "database unavailable, caching frames to disk" in pg_log.text
+    assert "127.0.0.1" in pg_log.text  # the log says which database
     assert "hunter2" not in pg_log.text
 
 

@@ -1,29 +1,10 @@
-"""Writer parts that need no database: DSN masking, the func guard, timestamp text."""
+"""Writer parts that need no database: the func guard, timestamp text, row literals."""
 
 from __future__ import annotations
 
 import pytest
 
-from wiretap.pg.writer import TimestampText, mask_dsn, quote_function_name, render_row
-
-
-@pytest.mark.parametrize(
-    "dsn",
-    [
-        "postgresql://candor:s3cret@db.example:5432/candor",
-        "host=db.example user=candor password=s3cret dbname=candor",
-    ],
-)
-def test_mask_dsn_hides_the_password_only(dsn):
-    masked = mask_dsn(dsn)
-    assert "s3cret" not in masked
-    assert "password=***" in masked
-    assert "host=db.example" in masked and "user=candor" in masked
-
-
-def test_mask_dsn_without_password_and_unparsable():
-    assert mask_dsn("host=/tmp dbname=x") == "dbname=x host=/tmp"
-    assert mask_dsn("password='unterminated") == "<unparsable DSN>"
+from wiretap.pg.writer import TimestampText, quote_function_name, render_row
 
 
 @pytest.mark.parametrize(

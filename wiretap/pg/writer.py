@@ -16,7 +16,6 @@ import collections
 import contextlib
 import io
 import logging
-import re
 import sqlite3
 import struct
 import threading
@@ -28,6 +27,8 @@ import psycopg2.extensions
 import psycopg2.extras
 
 from ..broker import DropReporter
+from ..config import _SQL_FUNCTION_NAME as SQL_FUNCTION_NAME
+from ..config import mask_dsn
 from ..frames import TX, Frame
 from .spool import ROW_OVERHEAD_BYTES, Row, Spool, row_cost
 
@@ -68,8 +69,6 @@ REJECT_LOG_INTERVAL_S = 10.0
 # SQLSTATE classes that blame the rows, not the connection: data exception, integrity
 # constraint, SQL routine / external routine / trigger exceptions, PL/pgSQL raise, check option.
 CONTENT_ERROR_CLASSES = frozenset({"22", "23", "2F", "38", "39", "P0", "44"})
-
-FUNC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
 
 COLUMNS = "ts, id, extended, dlc, is_fd, data_bytes, bus, dir"
 INSERT_SQL = f"INSERT INTO public.can_frame ({COLUMNS}) VALUES %s"
@@ -140,20 +139,10 @@ class _Unavailable(Exception):
         self.reason = reason
 
 
-def mask_dsn(dsn: str) -> str:
-    """The DSN as ``key=value`` pairs with the password replaced by ``***``, for log lines."""
-    try:
-        params = psycopg2.extensions.parse_dsn(dsn)
-    except psycopg2.Error:
-        return "<unparsable DSN>"
-    if "password" in params:
-        params["password"] = "***"
-    return " ".join(f"{key}={value}" for key, value in params.items())
-
-
 def quote_function_name(name: str) -> str:
-    """``schema.func`` as a quoted SQL identifier; ``ValueError`` unless it is a plain one."""
-    if not FUNC_NAME.fullmatch(name):
+    """``schema.func`` as a quoted SQL identifier; ``ValueError`` unless it is a plain one.
+    Checked here as well as in the configuration, since this is where it is pasted into SQL."""
+    if not SQL_FUNCTION_NAME.fullmatch(name):
         raise ValueError(f"not a plain or schema-qualified SQL identifier: {name!r}")
     return ".".join(f'"{part}"' for part in name.split("."))
 
