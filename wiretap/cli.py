@@ -8,7 +8,9 @@ problem on stderr), 0 for ``--check-config`` with a valid configuration, otherwi
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
+import queue
 import sys
 from typing import Optional, Sequence
 
@@ -34,7 +36,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.check_config:
         print(config.describe(), end="")
         return 0
-    logging.basicConfig(stream=sys.stderr, format=LOG_FORMAT, level=config.logging.level)
+    listener = _log_to_stderr(config.logging.level)
     from wiretap import app  # imported late: everything above works without the runtime parts
 
-    return app.run(config)
+    try:
+        return app.run(config)
+    finally:
+        listener.stop()
+
+
+def _log_to_stderr(level: str) -> logging.handlers.QueueListener:
+    """Log through a queue: a thread that logs (the dispatcher counting a drop, say) must never
+    wait on a stalled stderr pipe or a journald that pushes back."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    records: queue.SimpleQueue = queue.SimpleQueue()
+    root = logging.getLogger()
+    root.addHandler(logging.handlers.QueueHandler(records))
+    root.setLevel(level)
+    listener = logging.handlers.QueueListener(records, handler)
+    listener.start()
+    return listener
