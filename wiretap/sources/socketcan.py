@@ -120,7 +120,18 @@ def open_can_socket(ifname: str, can_fd: bool) -> socket.socket:
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
         except PermissionError:
+            # Without CAP_NET_ADMIN (the systemd unit grants only CAP_NET_BIND_SERVICE) the
+            # kernel caps the buffer at net.core.rmem_max.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+            granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            if granted < RECEIVE_BUFFER:
+                log.info(
+                    "%s: receive buffer is %d bytes; for bursts, raise it with "
+                    "'sysctl -w net.core.rmem_max=%d'",
+                    ifname,
+                    granted,
+                    RECEIVE_BUFFER,
+                )
         sock.bind((ifname,))
     except BaseException:
         sock.close()
