@@ -189,11 +189,11 @@ def _nonempty_text(value: Any, textual: bool) -> str:
     return value
 
 
-_SQL_FUNCTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
+SQL_FUNCTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
 
 
 def _sql_function_name(value: Any, textual: bool) -> str:
-    if not isinstance(value, str) or _SQL_FUNCTION_NAME.fullmatch(value) is None:
+    if not isinstance(value, str) or SQL_FUNCTION_NAME.fullmatch(value) is None:
         raise _Invalid("expected a plain or schema-qualified SQL name such as public.my_ingest")
     return value
 

@@ -27,8 +27,7 @@ import psycopg2.extensions
 import psycopg2.extras
 
 from ..broker import DropReporter
-from ..config import _SQL_FUNCTION_NAME as SQL_FUNCTION_NAME
-from ..config import mask_dsn
+from ..config import SQL_FUNCTION_NAME, mask_dsn
 from ..frames import TX, Frame
 from .spool import ROW_OVERHEAD_BYTES, Row, Spool, row_cost
 
