@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import platform
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -579,6 +580,12 @@ def table(figures: Dict[str, object]) -> str:
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run (< 30 s)")
+    parser.add_argument(
+        "--vcan",
+        action="store_true",
+        help="real-kernel ceiling instead: server / candump frames under a cangen flood (in a VM)",
+    )
+    parser.add_argument("--vcan-frames", type=int, default=20000, help="frames for --vcan")
     parser.add_argument("--json", metavar="PATH", help="write the figures to PATH")
     parser.add_argument("--no-pg", dest="pg", action="store_false", help="skip PostgreSQL")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
@@ -591,8 +598,21 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def run_vcan(frames: int) -> int:
+    """The real-kernel ceiling: server frames / candump frames under a ``cangen -g 0`` flood,
+    measured by tests/kernel/vcan_ceiling.py inside the vcan tier's VM (or on this kernel)."""
+    root = Path(__file__).resolve().parent.parent
+    command = [
+        str(root / "tests" / "kernel" / "run-in-vm.sh"), "--run", sys.executable,
+        str(root / "tests" / "kernel" / "vcan_ceiling.py"), "--frames", str(frames),
+    ]  # fmt: skip
+    return subprocess.run(command, cwd=root).returncode
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if args.vcan:
+        return run_vcan(args.vcan_frames)
     with tempfile.TemporaryDirectory(prefix="wiretap-bench-") as work:
         figures = {"machine": machine()}
         figures.update(run_quick(args, Path(work)) if args.quick else run_full(args, Path(work)))
