@@ -123,7 +123,9 @@ def test_outage_mid_stream_loses_nothing_and_keeps_order(pg, make_writer, tmp_pa
         assert writer.counters()["conn"] == 0
         pg.start()
         wait_for(lambda: writer.counters()["conn"] == 1, "reconnect")
-        time.sleep(0.1)  # a little live traffic after the drain as well
+        wait_for(lambda: writer.counters()["spooled"] == 0, "spool drained while feeding")
+        drained_at = writer.counters()["wrote"]
+        wait_for(lambda: writer.counters()["wrote"] >= drained_at + 100, "live rows after it")
     finally:
         feeding.clear()
         feeder.join()
@@ -140,8 +142,9 @@ def test_outage_mid_stream_loses_nothing_and_keeps_order(pg, make_writer, tmp_pa
     assert spool_rows(tmp_path / "spool.db") == 0
     messages = [record.getMessage() for record in pg_log.records]
     assert sum("database unavailable, caching frames to disk" in m for m in messages) == 1
-    assert any(m.startswith("draining ") and m.endswith(" cached frames to database")
-               for m in messages)  # fmt: skip
+    assert sum(m.startswith("draining ") and m.endswith(" cached frames to database")
+               for m in messages) == 1  # fmt: skip
+    assert messages.count("cached frames drained, back to live ingest") == 1
 
 
 def test_spool_left_by_stopped_writer_is_drained_by_the_next(pg, make_writer, tmp_path, pg_log):
