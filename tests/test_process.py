@@ -121,14 +121,16 @@ def test_sigterm_stops_cleanly_with_exit_0(processes):
     client.wait_reply(0x09)
     assert server.stop(signal.SIGTERM, timeout=10) == 0
     assert client.closed.wait(5)
-    assert any("SIGTERM: shutting down" in line for line in server.lines)
-    assert any(line.split(": ", 1)[-1].startswith("stats rx=") for line in server.lines)
+    assert sum("SIGTERM: shutting down" in line for line in server.lines) == 1
+    assert server.lines[-1].split(": ", 1)[-1].startswith("stats rx=")
 
 
 def test_sigint_stops_cleanly_too(processes):
     server = processes("--iface", f"replay:{DEMO_LOG}", "--port", "0")
     server.wait_listening()
     assert server.stop(signal.SIGINT) == 0
+    assert sum("SIGINT: shutting down" in line for line in server.lines) == 1
+    assert server.lines[-1].split(": ", 1)[-1].startswith("stats rx=")
 
 
 def test_port_taken_is_one_clear_line_and_exit_1(processes):
@@ -150,7 +152,16 @@ def test_too_many_buses_is_a_configuration_error(processes, tmp_path):
     server = processes("--iface", f"replay:{log}", "--bus-offset", "14", "--port", "0")
     assert server.proc.wait(20) == 2
     server._reader.join(5)
-    assert any("GVRET has 16" in line for line in server.lines)
+    assert server.lines == [
+        "config error: iface: 4 buses from bus_offset 14 need bus numbers up to 17; "
+        "GVRET has 16 (0-15)"
+    ]
+    check = subprocess.run(
+        [sys.executable, str(ROOT / "wiretap-server.py"), "--check-config",
+         "--iface", f"replay:{log}", "--bus-offset", "14"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert check.returncode == 2 and "GVRET has 16" in check.stderr
 
 
 def test_stats_line_reports_what_was_read(processes, tmp_path):
@@ -161,7 +172,7 @@ def test_stats_line_reports_what_was_read(processes, tmp_path):
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and not any(" rx=3 " in line for line in server.lines):
         time.sleep(0.05)
-    line = next(line for line in server.lines if " rx=3 " in line)
+    line = next((line for line in server.lines if " rx=3 " in line), "\n".join(server.lines))
     assert re.search(
         r"stats rx=3 fps=[\d.]+ clients=0 client_drops=0 kernel_drops=0 tx=0 tx_fail=0 "
         r"queued=0 enq=0 wrote=0 dropped=0 spooled=0 conn=0$",

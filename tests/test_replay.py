@@ -345,7 +345,7 @@ def test_stop_ends_a_long_wait_promptly(tmp_path: pathlib.Path) -> None:
     wait_until(lambda: len(collector.frames) == 1)
     source.stop()
     source.join(5)
-    assert "reader-replay" not in [thread.name for thread in threading.enumerate()]
+    assert not source._thread.is_alive()
     assert len(collector.frames) == 1
 
 

@@ -389,8 +389,8 @@ class GvretHandler(socketserver.BaseRequestHandler):
 
     def finish(self) -> None:
         client = self.client
-        self.server.hub.remove(client)
         self.server.release(self.request)
+        self.server.hub.remove(client)
         client.stop_writer()
         log.info(
             "client %s: disconnected (%d frames sent, %d dropped)",

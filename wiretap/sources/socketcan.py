@@ -189,6 +189,7 @@ class SocketCanSource(Source):
         self._pending_lock = threading.Lock()
         self._bitrate: Optional[int] = None
         self._bitrate_fallback_logged = False
+        self._link_stale = False
         self._listen_only = False
         self._down = False
         self._gone = False
@@ -226,6 +227,10 @@ class SocketCanSource(Source):
             self._drops_socket = max(self._drops_socket, SK_MEMINFO.unpack(meminfo)[8])
 
     def bus_info(self, bus: int) -> BusInfo:
+        # Read lazily, in the asking client's thread: the reader must never wait on `ip`.
+        if self._link_stale:
+            self._link_stale = False
+            self._read_link()
         return BusInfo(True, self._listen_only, self._bitrate or DEFAULT_BITRATE, self.can_fd)
 
     def _run(self) -> None:
@@ -275,7 +280,7 @@ class SocketCanSource(Source):
                 continue
             self._sock = sock
             if self._is_can_socket:
-                self._read_link()
+                self._link_stale = True
                 self._check_down_at_open()
             if reported is not None or self._gone:
                 self._gone = False
@@ -345,8 +350,8 @@ class SocketCanSource(Source):
         if self._down:
             self._down = False
             log.info("%s: reading again", self.name)
-            if self._is_can_socket:
-                self._read_link()  # the bit rate may have been changed while it was down
+            # The bit rate may have been changed while it was down.
+            self._link_stale = self._is_can_socket
         self.frames_read += len(batch)
         publish(batch)
 
