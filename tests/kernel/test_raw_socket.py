@@ -8,7 +8,6 @@ Frames sent by ``cansend`` (another local socket) arrive with ``MSG_DONTROUTE``,
 from __future__ import annotations
 
 import socket
-import struct
 import subprocess
 import time
 from typing import Callable, Tuple
@@ -16,12 +15,9 @@ from typing import Callable, Tuple
 import pytest
 
 from wiretap.frames import CAN_MTU, CANFD_MTU, decode
+from wiretap.sources.socketcan import SO_TIMESTAMP, TIMEVAL_64, parse_ancillary
 
 pytestmark = pytest.mark.vcan
-
-SO_TIMESTAMP = 29  # <asm-generic/socket.h>; also the cmsg type SCM_TIMESTAMP
-TIMEVAL = struct.Struct("=qq")
-"""``struct timeval`` on a 64-bit kernel: ``{ time_t tv_sec; suseconds_t tv_usec; }``."""
 
 
 def open_raw(iface: str, fd: bool = False) -> socket.socket:
@@ -35,12 +31,15 @@ def open_raw(iface: str, fd: bool = False) -> socket.socket:
 
 
 def receive(sock: socket.socket) -> Tuple[bytes, int, int]:
-    """One frame: its bytes, ``msg_flags`` and the kernel timestamp in ns."""
-    data, ancdata, flags, _ = sock.recvmsg(CANFD_MTU, socket.CMSG_SPACE(TIMEVAL.size))
-    stamps = [d for level, kind, d in ancdata if (level, kind) == (socket.SOL_SOCKET, SO_TIMESTAMP)]
-    assert len(stamps) == 1
-    seconds, micros = TIMEVAL.unpack(stamps[0])
-    return data, flags, seconds * 1_000_000_000 + micros * 1000
+    """One frame: its bytes, ``msg_flags`` and the kernel timestamp in ns.
+
+    The timestamp is read by the source's own parser, which picks the ``struct timeval``
+    layout by size: 16 bytes on 64-bit kernels, 8 on 32-bit Raspberry Pi OS.
+    """
+    data, ancdata, flags, _ = sock.recvmsg(CANFD_MTU, socket.CMSG_SPACE(TIMEVAL_64.size))
+    ts_ns, _drops = parse_ancillary(ancdata)
+    assert ts_ns is not None, f"no SO_TIMESTAMP in {ancdata!r}"
+    return data, flags, ts_ns
 
 
 def test_cansend_classic_frame_arrives_with_timestamp_and_dontroute(
