@@ -148,3 +148,11 @@ def test_a_broken_terminal_turns_the_echo_off(caplog: pytest.LogCaptureFixture) 
     assert len(echo.mailbox) == 0
     lines: List[str] = [m for m in caplog.messages if "console echo" in m]
     assert lines == ["console echo: cannot write ([Errno 32] Broken pipe), echo is off"]
+
+
+def test_default_dir_tx_marks_bus_frames_tx() -> None:
+    frame = make_frame(1, 0x123, b"\x41", ts_ns=START)
+    assert format_frame(frame, START, False) == "B1 (0.000_000) 123 S [1] 41 | A"
+    assert (
+        format_frame(frame, START, False, default_dir="tx") == "B1 (0.000_000) 123 S TX [1] 41 | A"
+    )

@@ -251,15 +251,17 @@ def test_demo_log_replays_completely(tmp_path: pathlib.Path) -> None:
     assert [f.ts_ns - frames[0].ts_ns for f in frames] == expected
 
 
-def test_direction_marker_and_default_dir(tmp_path: pathlib.Path) -> None:
+def test_direction_marker(tmp_path: pathlib.Path) -> None:
     path = write_log(
         tmp_path,
-        ["(1700000000.000000) can0 123#01 T", "(1700000000.000000) can0 123#02 R"],
+        [
+            "(1700000000.000000) can0 123#01 T",
+            "(1700000000.000000) can0 123#02 R",
+            "(1700000000.000000) can0 123#03",
+        ],
     )
-    frames = play(ReplaySource(path, 0, can_fd=False, default_dir="tx"), 2).frames
-    assert [f.direction for f in frames] == ["tx", "tx"]
-    frames = play(ReplaySource(path, 0, can_fd=False, default_dir="rx"), 2).frames
-    assert [f.direction for f in frames] == ["tx", "rx"]
+    frames = play(ReplaySource(path, 0, can_fd=False), 3).frames
+    assert [f.direction for f in frames] == ["tx", "rx", "rx"]
 
 
 def test_loop_restarts_after_the_last_frame_plus_the_mean_gap(tmp_path: pathlib.Path) -> None:

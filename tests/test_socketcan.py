@@ -44,11 +44,10 @@ def started(source: SocketCanSource) -> Collector:
 
 
 def test_direction_from_msg_flags():
-    assert direction_of(0, "rx") == "rx"
-    assert direction_of(0, "tx") == "tx"
-    assert direction_of(MSG_DONTROUTE, "rx") == TX
-    assert direction_of(MSG_CONFIRM, "rx") == TX
-    assert direction_of(MSG_CONFIRM | MSG_DONTROUTE, "rx") == TX
+    assert direction_of(0) == "rx"
+    assert direction_of(MSG_DONTROUTE) == TX
+    assert direction_of(MSG_CONFIRM) == TX
+    assert direction_of(MSG_CONFIRM | MSG_DONTROUTE) == TX
 
 
 def test_ancillary_timestamps_in_both_time_t_layouts():

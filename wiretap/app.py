@@ -61,7 +61,6 @@ def build_sources(
                     can_fd=server.can_fd,
                     speed=server.replay_speed,
                     loop=server.replay_loop,
-                    default_dir=server.default_dir,
                 )
             except OSError as exc:
                 raise StartupError(f"replay log {path}: {exc.strerror or exc}", 2) from exc
@@ -70,7 +69,6 @@ def build_sources(
                 name,
                 bus,
                 can_fd=server.can_fd,
-                default_dir=server.default_dir,
                 open_socket=factories.get(name),
             )
         sources.append(source)
@@ -104,7 +102,10 @@ class App:
         self.broker.register(self.hub)
         self.echo: Optional[ConsoleEcho] = None
         if config.server.echo_console:
-            self.echo = ConsoleEcho(sys.stdout, config.server.colour, self.start_ns)
+            server = config.server
+            self.echo = ConsoleEcho(
+                sys.stdout, server.colour, self.start_ns, default_dir=server.default_dir
+            )
             self.broker.register(self.echo)
         self.pg = None
         if config.postgres.enable:

@@ -26,7 +26,7 @@ import threading
 from typing import Sequence, TextIO
 
 from .broker import Mailbox
-from .frames import TX, Frame
+from .frames import RX, TX, Frame
 
 log = logging.getLogger("wiretap.console")
 
@@ -47,7 +47,7 @@ def _is_printable(byte: int) -> bool:
     return 0x20 <= byte <= 0x7E
 
 
-def format_frame(frame: Frame, start_ns: int, colour: bool) -> str:
+def format_frame(frame: Frame, start_ns: int, colour: bool, default_dir: str = RX) -> str:
     """One echo line for ``frame`` (no newline); ``start_ns`` is time zero."""
     bus_tag = f"B{frame.bus}"
     parts = [
@@ -64,7 +64,7 @@ def format_frame(frame: Frame, start_ns: int, colour: bool) -> str:
             parts.append("ESI")
     if frame.rtr:
         parts.append("R")
-    if frame.direction == TX:
+    if frame.direction == TX or default_dir == TX:
         parts.append("TX")
     data = frame.data
     parts.append(f"[{len(data)}]")
@@ -89,8 +89,16 @@ def format_frame(frame: Frame, start_ns: int, colour: bool) -> str:
 class ConsoleEcho:
     """Writes each delivered frame to ``stream``; drops (and counts) what the stream cannot take."""
 
-    def __init__(self, stream: TextIO, colour: bool, start_ns: int, capacity: int = 10000) -> None:
+    def __init__(
+        self,
+        stream: TextIO,
+        colour: bool,
+        start_ns: int,
+        capacity: int = 10000,
+        default_dir: str = RX,
+    ) -> None:
         self.stream = stream
+        self.default_dir = default_dir
         self.colour = colour
         self.start_ns = start_ns
         self.mailbox = Mailbox("console echo", capacity)
@@ -122,8 +130,9 @@ class ConsoleEcho:
                 if self._stop.is_set():
                     return
                 continue
+            start_ns, colour, default_dir = self.start_ns, self.colour, self.default_dir
             text = "".join(
-                format_frame(frame, self.start_ns, self.colour) + "\n" for frame in frames
+                format_frame(frame, start_ns, colour, default_dir) + "\n" for frame in frames
             )
             try:
                 self.stream.write(text)

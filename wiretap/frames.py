@@ -90,8 +90,10 @@ class Frame(NamedTuple):
     """One CAN or CAN FD data frame, as read from (or confirmed on) a bus.
 
     ``can_id`` carries no flag bits. ``ts_ns`` is the kernel receive time in ns since the Unix
-    epoch. ``origin`` is non-zero only for the kernel's confirmation of a frame that a GVRET
-    client transmitted: the token of that client, so it is not sent its own frame back.
+    epoch. ``direction`` is ``tx`` for a frame this host sent, else ``rx``; ``default_dir``
+    relabels the ``rx`` ones where a label is shown or stored (echo, database). ``origin`` is
+    non-zero only for the kernel's confirmation of a frame that a GVRET client transmitted: the
+    token of that client, so it is not sent its own frame back.
     """
 
     bus: int

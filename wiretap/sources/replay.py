@@ -160,7 +160,6 @@ class ReplaySource(Source):
         can_fd: bool,
         speed: float = 1.0,
         loop: bool = False,
-        default_dir: str = RX,
     ) -> None:
         if speed <= 0:
             raise ValueError(f"replay speed must be positive, not {speed}")
@@ -177,7 +176,7 @@ class ReplaySource(Source):
         self._entries: List[Tuple[int, Frame]] = []
         for line in lines:
             bus = buses.setdefault(line.iface, first_bus + len(buses))
-            direction = TX if line.marked_tx else default_dir
+            direction = TX if line.marked_tx else RX
             self._entries.append(
                 (line.ts_ns - first_ts, line.frame._replace(bus=bus, direction=direction))
             )

@@ -88,9 +88,9 @@ SEND_ERRORS = {
 }
 
 
-def direction_of(msg_flags: int, default_dir: str) -> str:
-    """``tx`` for frames this host sent (another local socket, or this one), else the default."""
-    return TX if msg_flags & (MSG_DONTROUTE | MSG_CONFIRM) else default_dir
+def direction_of(msg_flags: int) -> str:
+    """``tx`` for frames this host sent (another local socket, or this one), else ``rx``."""
+    return TX if msg_flags & (MSG_DONTROUTE | MSG_CONFIRM) else RX
 
 
 def parse_ancillary(ancdata: List[Tuple[int, int, bytes]]) -> Tuple[Optional[int], Optional[int]]:
@@ -174,13 +174,11 @@ class SocketCanSource(Source):
         bus: int,
         *,
         can_fd: bool = False,
-        default_dir: str = RX,
         open_socket: Optional[Callable[[], socket.socket]] = None,
     ) -> None:
         self.name = ifname
         self.first_bus = bus
         self.can_fd = can_fd
-        self.default_dir = default_dir
         self._open_socket = open_socket or (lambda: open_can_socket(ifname, can_fd))
         self._is_can_socket = open_socket is None
         self._sock: Optional[socket.socket] = None
@@ -313,7 +311,7 @@ class SocketCanSource(Source):
         recvmsg = sock.recvmsg
         publish = self._publish
         assert publish is not None
-        bus, default_dir = self.first_bus, self.default_dir
+        bus = self.first_bus
         while not self._stop.is_set():
             if not poller.poll(POLL_INTERVAL_MS):
                 continue
@@ -326,7 +324,7 @@ class SocketCanSource(Source):
                         self._drops_socket = drops
                     if ts_ns is None:
                         ts_ns = time.time_ns()
-                    direction = direction_of(msg_flags, default_dir)
+                    direction = direction_of(msg_flags)
                     origin = self._confirmed_origin(data) if msg_flags & MSG_CONFIRM else 0
                     frame = decode(data, bus, ts_ns, direction, origin)
                     if frame is None:
