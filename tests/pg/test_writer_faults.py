@@ -115,3 +115,29 @@ def test_a_spool_full_through_a_long_drain_is_logged_once(pg, make_writer, tmp_p
     assert stored_exactly_once_in_order(pg.dsn, 1200)
     assert writer.counters()["dropped"] == 0
     assert sum(" is full " in r.getMessage() for r in pg_log.records) == 1
+
+
+def test_a_statement_that_holds_the_writer_up_is_cancelled_before_the_queue_overflows(
+    pg, make_writer, tmp_path, pg_log
+):
+    locker = psycopg2.connect(pg.dsn)
+    try:
+        with locker.cursor() as cur:
+            cur.execute("LOCK TABLE public.can_frame IN ACCESS EXCLUSIVE MODE")
+        writer = make_writer(pg.dsn, batch_size=100, queue_size=1000)
+        frames = numbered(1050)
+        writer.deliver(frames[:100])
+        wait_for(lambda: writer_waits_for_lock(pg.dsn), "the writer's insert to wait for the lock")
+        writer.deliver(frames[100:])  # 95 % of the queue while the insert waits
+        wait_for(lambda: writer.counters()["queued"] == 0, "the queue to move to the spool")
+        assert spooled_frames(tmp_path / "spool.db") == 1050
+        assert writer.counters()["dropped"] == 0
+    finally:
+        locker.rollback()
+        locker.close()
+    wait_for(lambda: row_count(pg.dsn) >= 1050, "every frame stored", timeout=60)
+    writer.stop()
+    assert stored_exactly_once_in_order(pg.dsn, 1050)
+    assert writer.counters()["dropped"] == 0
+    messages = [r.getMessage() for r in pg_log.records]
+    assert messages.count("the database holds the writer up, moving the queue to the spool") == 1

@@ -251,6 +251,13 @@ class PgWriter:
                 self._queue_size,
             )
             self._next_mark += 1
+            if self._next_mark == len(self._marks) and self._in_flight:
+                # The writer keeps the queue under 80 % by spilling to the spool, so reaching
+                # the last mark means it is held inside one statement (a lock, a database that
+                # stopped answering). Cancel it: the writer then parks the queue in the spool,
+                # and frames are not dropped while the spool has room (postgres.md 4).
+                log.warning("the database holds the writer up, moving the queue to the spool")
+                self._cancel_statement()
 
     def _queue_full(self, dropped: int) -> None:
         if not self._full_logged:
