@@ -233,6 +233,11 @@ def test_stalled_client_costs_only_itself(harness, bus_factory):
     fast.wait_reply(0x09, keepalives)
     assert [struct.unpack("<Q", f.data)[0] for f in fast.frames] == list(range(total))
     stalled_conn = next(c for c in app.hub.clients if c.frames_sent < total)
+    # gvret.md 3: at most ~64 KB waits for a client in the kernel (Linux doubles what is asked).
+    sock = stalled_conn.sock
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) <= 64 * 1024
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
     assert stalled_conn.outbox.drops.total > 0
     assert stalled_conn.frames_sent + stalled_conn.outbox.drops.total == total
     assert app.hub.client_drops() == stalled_conn.outbox.drops.total
