@@ -209,7 +209,7 @@ def test_buses_follow_first_appearance_of_each_interface(tmp_path: pathlib.Path)
     source = ReplaySource(path, first_bus=2, can_fd=False)
     assert source.bus_count == 2
     assert source.name == f"replay:{path}"
-    assert source.bus_info(3) == BusInfo(enabled=True, listen_only=False, bitrate=500000, fd=False)
+    assert source.bus_info(3) == BusInfo(enabled=True, listen_only=False, bitrate=500000)
     collector = play(source, 3)
     assert [(f.bus, f.data) for f in collector.frames] == [(2, b"\x01"), (3, b"\x02"), (2, b"\x03")]
 

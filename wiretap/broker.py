@@ -75,7 +75,6 @@ class Mailbox:
         self.drops = DropReporter(who)
         self._items: Deque[Frame] = collections.deque()
         self._ready = threading.Condition(threading.Lock())
-        self.accepted = 0
 
     def put(self, frames: Sequence[Frame]) -> int:
         """Queue as many of ``frames`` as fit; returns how many were accepted."""
@@ -83,7 +82,6 @@ class Mailbox:
             room = self.capacity - len(self._items)
             taken = frames if len(frames) <= room else frames[: max(room, 0)]
             self._items.extend(taken)
-            self.accepted += len(taken)
             if taken:
                 self._ready.notify()
         self.drops.add(len(frames) - len(taken))
@@ -119,10 +117,6 @@ class Broker:
     def register(self, consumer: Consumer) -> None:
         with self._consumers_lock:
             self._consumers = self._consumers + [consumer]
-
-    def unregister(self, consumer: Consumer) -> None:
-        with self._consumers_lock:
-            self._consumers = [c for c in self._consumers if c is not consumer]
 
     def publish(self, frames: List[Frame]) -> None:
         """Hand a batch over; called from reader threads, never blocks: beyond

@@ -22,7 +22,6 @@ class BusInfo(NamedTuple):
     enabled: bool
     listen_only: bool
     bitrate: int
-    fd: bool
 
 
 class TransmitResult(enum.Enum):

@@ -210,7 +210,7 @@ class ReplaySource(Source):
         return TransmitResult.SENT
 
     def bus_info(self, bus: int) -> BusInfo:
-        return BusInfo(enabled=True, listen_only=False, bitrate=REPLAY_BITRATE, fd=self.can_fd)
+        return BusInfo(enabled=True, listen_only=False, bitrate=REPLAY_BITRATE)
 
     def counters(self) -> dict:
         with self._lock:

@@ -229,7 +229,7 @@ class SocketCanSource(Source):
         if self._link_stale:
             self._link_stale = False
             self._read_link()
-        return BusInfo(True, self._listen_only, self._bitrate or DEFAULT_BITRATE, self.can_fd)
+        return BusInfo(True, self._listen_only, self._bitrate or DEFAULT_BITRATE)
 
     def _run(self) -> None:
         while not self._stop.is_set():
