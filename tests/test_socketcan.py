@@ -211,3 +211,30 @@ def test_transmit_without_an_interface_reports_down(caplog):
     assert results == [TransmitResult.DOWN] * 3
     assert source.tx_fail == 3
     assert sum("transmit dropped" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_error_passive_and_recovery_are_logged_once_each(bus_factory, caplog):
+    from wiretap.frames import CAN_ERR_CRTL, CAN_ERR_CRTL_RX_PASSIVE
+    from wiretap.sources.socketcan import CAN_ERR_RESTARTED
+
+    bus = bus_factory()
+    source = SocketCanSource("can0", 0, open_socket=lambda: bus.reader_end)
+    collector = started(source)
+    passive = CAN_FRAME.pack(
+        CAN_ERR_FLAG | CAN_ERR_CRTL, 8, 0, bytes([0, CAN_ERR_CRTL_RX_PASSIVE]) + bytes(6)
+    )
+    restarted = CAN_FRAME.pack(CAN_ERR_FLAG | CAN_ERR_RESTARTED, 8, 0, bytes(8))
+    try:
+        with caplog.at_level(logging.WARNING, logger="wiretap.socketcan"):
+            for raw in (passive, passive, restarted, restarted):
+                bus.send_raw(raw)
+            bus.send(make_frame(0, 0x100, b"\x01"))
+            wait_until(lambda: len(collector.frames) == 1)
+    finally:
+        source.stop()
+        source.join(5)
+    assert [r.getMessage() for r in caplog.records] == [
+        "can0: controller is error-passive",
+        "can0: controller is active",
+    ]
+    assert source.error_frames == 4
