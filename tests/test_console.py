@@ -5,23 +5,15 @@ from __future__ import annotations
 import io
 import logging
 import threading
-import time
-from typing import Callable, List
+from typing import List
 
 import pytest
+from harness import wait_until
 
 from wiretap.console import ConsoleEcho, format_frame
 from wiretap.frames import make_frame
 
 START = 1_700_000_000_000_000_000
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met within the timeout")
-        time.sleep(0.005)
 
 
 @pytest.mark.parametrize(

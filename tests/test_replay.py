@@ -8,9 +8,10 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, List, Tuple
+from typing import List, Tuple
 
 import pytest
+from harness import wait_until
 
 from wiretap.frames import Frame, make_frame
 from wiretap.sources import BusInfo, TransmitResult
@@ -19,14 +20,6 @@ from wiretap.sources.replay import LogLine, ReplaySource, parse_line, read_log
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEMO_LOG = REPO / "examples" / "demo.log"
 TS = 1_700_000_000_123_456_000
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met within the timeout")
-        time.sleep(0.005)
 
 
 class Collector:
