@@ -336,6 +336,11 @@ class GvretServer(socketserver.ThreadingTCPServer):
                 self._admitted.discard(request)
                 self._active -= 1
 
+    def handle_error(self, request: socket.socket, client_address: Tuple) -> None:
+        # socketserver prints the traceback to stderr by itself; say it through logging, with
+        # the client's address. The connection is closed; every other client goes on.
+        log.exception("client %s: connection failed", _address(client_address))
+
     def shutdown_request(self, request: socket.socket) -> None:
         # Called for every request, admitted or refused, whatever became of its handler: the
         # slot is given back here even if the handler's setup failed.
