@@ -2,7 +2,8 @@
 # Installs what is needed and runs the server in the foreground (Ctrl+C stops it).
 # With no CAN interface on this machine it plays the shipped demo capture (examples/demo.log,
 # two buses, looping) so SavvyCAN or the WireTAP desktop can connect with no hardware at all.
-# Any arguments are passed to wiretap-server.py (e.g. --port 23, --echo, -C my.toml).
+# Arguments are passed to wiretap-server.py: flags such as --port 23 or --echo add to that
+# choice, while --iface or -C choose the source themselves.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh
@@ -16,10 +17,21 @@ has_can_interface() {
     return 1
 }
 
-if [ $# -eq 0 ] && ! has_can_interface; then
-    echo "run: no CAN interface here, playing examples/demo.log (connect a GVRET client to port 2323)"
-    set -- --iface replay:examples/demo.log --replay-loop --can-fd
-elif [ $# -eq 0 ]; then
-    set -- -C wiretap-server.toml
+chooses_source() {
+    local arg
+    for arg in "$@"; do
+        case "$arg" in --iface|--iface=*|-C|--config|--config=*) return 0 ;; esac
+    done
+    return 1
+}
+
+# Flags such as --echo or --port 23 add to the default choice; --iface or -C replace it.
+if ! chooses_source "$@"; then
+    if has_can_interface; then
+        set -- -C wiretap-server.toml "$@"
+    else
+        echo "run: no CAN interface here, playing examples/demo.log (connect a GVRET client to port 2323)"
+        set -- --iface replay:examples/demo.log --replay-loop --can-fd "$@"
+    fi
 fi
 exec .venv/bin/python wiretap-server.py "$@"
