@@ -85,6 +85,8 @@ def test_demo_replay_reaches_savvycan_with_every_frame_and_its_timing(processes)
         "--replay-loop", "--port", "0", "--stats-interval", "0",
     )  # fmt: skip
     client = GvretClient(server.wait_listening(), hello=SAVVYCAN_HELLO)
+    (listening,) = [line for line in server.lines if "listening on" in line]
+    assert listening.endswith(f"buses: replay:{DEMO_LOG}:can0=0, replay:{DEMO_LOG}:can1=1")
     client.send(b"\xf1\x0d")
     client.wait_reply(0x06)
     client.wait_reply(0x0D)
@@ -153,15 +155,15 @@ def test_too_many_buses_is_a_configuration_error(processes, tmp_path):
     assert server.proc.wait(20) == 2
     server._reader.join(5)
     assert server.lines == [
-        "config error: iface: 4 buses from bus_offset 14 need bus numbers up to 17; "
-        "GVRET has 16 (0-15)"
+        f"config error: server.iface = replay:{log} with bus_offset 14 needs GVRET buses 14..17 "
+        "(a replay log brings one per interface in it), but there are only 16 (0..15)"
     ]
     check = subprocess.run(
         [sys.executable, str(ROOT / "wiretap-server.py"), "--check-config",
          "--iface", f"replay:{log}", "--bus-offset", "14"],
         capture_output=True, text=True,
     )  # fmt: skip
-    assert check.returncode == 2 and "GVRET has 16" in check.stderr
+    assert check.returncode == 2 and "there are only 16 (0..15)" in check.stderr
 
 
 def test_stats_line_reports_what_was_read(processes, tmp_path):

@@ -27,7 +27,7 @@ from .server import Beacon, ClientHub, GvretServer
 from .sources import Source, TransmitResult
 from .sources.replay import ReplaySource
 from .sources.socketcan import SocketCanSource
-from .stats import StatsReporter, format_line
+from .stats import StatsReporter
 
 log = logging.getLogger("wiretap.app")
 
@@ -75,8 +75,9 @@ def build_sources(
         bus += source.bus_count
     if bus > GVRET_BUS_COUNT:
         raise StartupError(
-            f"iface: {bus - server.bus_offset} buses from bus_offset {server.bus_offset} "
-            f"need bus numbers up to {bus - 1}; GVRET has 16 (0-15)",
+            f"server.iface = {','.join(server.iface)} with bus_offset {server.bus_offset} needs "
+            f"GVRET buses {server.bus_offset}..{bus - 1} (a replay log brings one per interface "
+            f"in it), but there are only {GVRET_BUS_COUNT} (0..{GVRET_BUS_COUNT - 1})",
             2,
         )
     return sources
@@ -86,11 +87,14 @@ class App:
     """The running server. ``start()`` then ``stop()``; ``port`` is the bound TCP port."""
 
     def __init__(
-        self, config: Config, socket_factories: Optional[Mapping[str, SocketFactory]] = None
+        self,
+        config: Config,
+        socket_factories: Optional[Mapping[str, SocketFactory]] = None,
+        sources: Optional[List[Source]] = None,
     ) -> None:
         self.config = config
         self.start_ns = time.time_ns()
-        self.sources = build_sources(config, socket_factories)
+        self.sources = sources if sources is not None else build_sources(config, socket_factories)
         self.bus_to_source: Dict[int, Source] = {
             source.first_bus + offset: source
             for source in self.sources
@@ -192,9 +196,9 @@ class App:
             self.config.server.host,
             self.port,
             ", ".join(
-                f"{source.name}={source.first_bus}"
-                + (f"-{source.first_bus + source.bus_count - 1}" if source.bus_count > 1 else "")
+                f"{name}={source.first_bus + offset}"
                 for source in self.sources
+                for offset, name in enumerate(source.bus_names())
             ),
         )
         for consumer in (self.echo, self.pg):
@@ -236,13 +240,14 @@ class App:
             self.echo.stop(budget(1.0))
         if self.pg is not None:
             self.pg.stop(budget(timeout))
-        log.info("%s", format_line(self.stats.snapshot()))
+        self.stats.log_now()
 
 
-def run(config: Config) -> int:
-    """Run until SIGINT / SIGTERM; the process exit code."""
+def run(config: Config, sources: Optional[List[Source]] = None) -> int:
+    """Run until SIGINT / SIGTERM; the process exit code. ``sources`` as :func:`build_sources`
+    made them, if the caller already did."""
     try:
-        app = App(config)
+        app = App(config, sources=sources)
     except StartupError as exc:
         log.error("%s", exc)
         return exc.exit_code

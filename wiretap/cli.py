@@ -35,18 +35,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_CONFIG_ERROR
     from wiretap import app  # imported late: everything above works without the runtime parts
 
-    try:
-        # What only the sources know (how many buses a replay log brings) is configuration too.
-        app.build_sources(config)
-    except app.StartupError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    if args.check_config:
-        print(config.describe(), end="")
-        return 0
     listener = _log_to_stderr(config.logging.level)
     try:
-        return app.run(config)
+        try:
+            # What only the sources know (how many buses a replay log brings) is configuration
+            # too; they are built once, here, and handed to the app.
+            sources = app.build_sources(config)
+        except app.StartupError as error:
+            print(f"config error: {error}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+        if args.check_config:
+            print(config.describe(), end="")
+            return 0
+        return app.run(config, sources)
     finally:
         listener.stop()
 

@@ -61,9 +61,12 @@ class StatsReporter:
     def stop(self) -> None:
         self._stop.set()
 
+    def log_now(self) -> None:
+        log.info("%s", format_line(self.snapshot()))
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                log.info("%s", format_line(self.snapshot()))
+                self.log_now()
             except Exception:
                 log.exception("stats: could not collect the counters")

@@ -66,6 +66,10 @@ class Source:
         """Send ``frame`` on ``frame.bus``; ``origin`` tags the kernel's confirmation."""
         raise NotImplementedError
 
+    def bus_names(self) -> List[str]:
+        """A name for each of this source's buses, in bus order (for the start-up line)."""
+        return [self.name]
+
     def bus_info(self, bus: int) -> BusInfo:
         raise NotImplementedError
 

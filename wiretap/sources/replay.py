@@ -209,6 +209,9 @@ class ReplaySource(Source):
         publish([frame._replace(ts_ns=time.time_ns(), direction=TX, origin=origin)])
         return TransmitResult.SENT
 
+    def bus_names(self) -> List[str]:
+        return [f"{self.name}:{iface}" for iface in self.interfaces] or [self.name]
+
     def bus_info(self, bus: int) -> BusInfo:
         return BusInfo(enabled=True, listen_only=False, bitrate=REPLAY_BITRATE)
 
@@ -261,6 +264,7 @@ class ReplaySource(Source):
             self._fd_skipped += fd_skipped
         if first_skip:
             log.warning(
-                "replay %s: skipping CAN FD frames, can_fd is off (counted as fd_skipped)",
+                "replay %s: skipping CAN FD frames, as a classic interface would (--can-fd plays "
+                "them)",
                 self.path,
             )
