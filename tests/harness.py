@@ -1,9 +1,17 @@
-"""Test helpers: an in-process server fed through the socket-pair seam."""
+"""Test helpers: an in-process server fed through the socket-pair seam, and the real program in a
+subprocess."""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from wiretap.app import App
@@ -62,3 +70,63 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str =
             return
         time.sleep(0.005)
     raise AssertionError(f"timed out waiting for {what or condition}")
+
+
+SERVER = Path(__file__).resolve().parent.parent / "wiretap-server.py"
+
+
+class ServerProcess:
+    """``wiretap-server.py`` as a user runs it, stderr collected line by line."""
+
+    def __init__(self, *args: str, env: Optional[Dict[str, str]] = None) -> None:
+        environ = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        environ.pop("PG_DSN", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(SERVER), "--host", "127.0.0.1", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environ,
+        )
+        self.lines: List[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_line(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
+        """The first log line matching ``pattern``, waiting up to ``timeout`` s for it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                match = re.search(pattern, line)
+                if match:
+                    return match
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.02)
+        raise AssertionError(f"no line matching {pattern!r} in:\n" + "\n".join(self.lines))
+
+    def wait_listening(self) -> int:
+        return int(self.wait_line(r"listening on [^ ]+:(\d+) ").group(1))
+
+    def final_stats(self) -> str:
+        return [line for line in self.lines if " stats rx=" in line][-1]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def exit_code(self, timeout: float = 20) -> int:
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

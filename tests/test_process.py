@@ -2,65 +2,23 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import List
 
 import pytest
 from gvret_client import SAVVYCAN_HELLO, GvretClient
+from harness import ServerProcess
 
 from wiretap.sources.replay import read_log
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_LOG = ROOT / "examples" / "demo.log"
-
-
-class ServerProcess:
-    """wiretap-server.py with stderr collected; ``port`` is read from its start-up line."""
-
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "wiretap-server.py"), "--host", "127.0.0.1", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self.lines: List[str] = []
-        self._port = threading.Event()
-        self.port = 0
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-            match = re.search(r"listening on [^ ]+:(\d+) ", line)
-            if match:
-                self.port = int(match.group(1))
-                self._port.set()
-
-    def wait_listening(self) -> int:
-        assert self._port.wait(20), "\n".join(self.lines)
-        return self.port
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
-        self.proc.send_signal(sig)
-        code = self.proc.wait(timeout)
-        self._reader.join(5)
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture
@@ -141,8 +99,7 @@ def test_port_taken_is_one_clear_line_and_exit_1(processes):
         taken.listen()
         port = taken.getsockname()[1]
         server = processes("--iface", f"replay:{DEMO_LOG}", "--port", str(port))
-        assert server.proc.wait(20) == 1
-    server._reader.join(5)
+        assert server.exit_code() == 1
     errors = [line for line in server.lines if "ERROR" in line]
     assert len(errors) == 1
     assert f"cannot listen on 127.0.0.1:{port}: the port is already in use" in errors[0]
@@ -152,8 +109,7 @@ def test_too_many_buses_is_a_configuration_error(processes, tmp_path):
     log = tmp_path / "wide.log"
     log.write_text("".join(f"(1700000000.000000) can{i} 100#01\n" for i in range(4)))
     server = processes("--iface", f"replay:{log}", "--bus-offset", "14", "--port", "0")
-    assert server.proc.wait(20) == 2
-    server._reader.join(5)
+    assert server.exit_code() == 2
     assert server.lines == [
         f"config error: server.iface = replay:{log} with bus_offset 14 needs GVRET buses 14..17 "
         "(a replay log brings one per interface in it), but there are only 16 (0..15)"
@@ -191,8 +147,7 @@ def test_an_unusable_spool_path_is_one_clear_line_and_exit_1(processes, tmp_path
         f'cache_path = "{tmp_path}/missing/folder/spool.db"\n'
     )
     server = processes("-C", str(config), "--iface", f"replay:{DEMO_LOG}", "--port", "0")
-    assert server.proc.wait(20) == 1
-    server._reader.join(5)
+    assert server.exit_code() == 1
     errors = [line for line in server.lines if "ERROR" in line]
     assert len(errors) == 1 and "cannot start:" in errors[0], server.lines
 

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import sqlite3
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 from typing import List
 
 import pytest
 from gvret_client import SAVVYCAN_HELLO, GvretClient
+from harness import ServerProcess
 from pg_helpers import fetch
 from pgcluster import free_port
 
@@ -28,59 +23,20 @@ DEMO = read_log(str(DEMO_LOG))
 IN_ORDER = "select array_agg(ts order by row_id) = array_agg(ts order by ts) from public.can_frame"
 
 
-class Server:
-    """wiretap-server.py replaying the demo log into PostgreSQL; stderr collected line by line."""
-
-    def __init__(self, state_dir: Path, *args: str) -> None:
-        command = [
-            sys.executable, str(ROOT / "wiretap-server.py"), "--host", "127.0.0.1", "--port", "0",
-            "--stats-interval", "0", "--iface", f"replay:{DEMO_LOG}", "--can-fd", "--pg-enable",
-            *args,
-        ]  # fmt: skip
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "STATE_DIRECTORY": str(state_dir)}
-        env.pop("PG_DSN", None)
-        self.proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
-        self.lines: List[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-
-    def wait_line(self, pattern: str, timeout: float = 20.0) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                match = re.search(pattern, line)
-                if match:
-                    return match
-            if self.proc.poll() is not None and not self._reader.is_alive():
-                break
-            time.sleep(0.02)
-        raise AssertionError(f"no line matching {pattern!r} in:\n" + "\n".join(self.lines))
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(15)
-        self._reader.join(5)
-        return code
-
-    def final_stats(self) -> str:
-        return [line for line in self.lines if " stats rx=" in line][-1]
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+def demo_ingest(state_dir: Path, *args: str) -> ServerProcess:
+    """wiretap-server.py replaying the demo log into PostgreSQL, its spool in ``state_dir``."""
+    return ServerProcess(
+        "--port", "0", "--stats-interval", "0", "--iface", f"replay:{DEMO_LOG}", "--can-fd",
+        "--pg-enable", *args, env={"STATE_DIRECTORY": str(state_dir)},
+    )  # fmt: skip
 
 
 @pytest.fixture
 def servers():
-    started: List[Server] = []
+    started: List[ServerProcess] = []
 
-    def start(state_dir: Path, *args: str) -> Server:
-        server = Server(state_dir, *args)
+    def start(state_dir: Path, *args: str) -> ServerProcess:
+        server = demo_ingest(state_dir, *args)
         started.append(server)
         return server
 
@@ -133,7 +89,7 @@ def test_server_restarted_while_database_down_drains_its_spool(pg, servers, tmp_
 def test_live_stream_and_keepalives_go_on_while_database_is_unreachable(servers, tmp_path):
     dsn = f"host=127.0.0.1 port={free_port()} user=wiretap password=hunter2 dbname=wiretap"
     server = servers(tmp_path, "--pg-dsn", dsn, "--replay-speed", "20", "--replay-loop")
-    port = int(server.wait_line(r"listening on [^ ]+:(\d+) ").group(1))
+    port = server.wait_listening()
     server.wait_line("database unavailable, caching frames to disk")
 
     client = GvretClient(port, hello=SAVVYCAN_HELLO)
