@@ -7,7 +7,8 @@ only when that thread is idle, so a late keepalive means the reader is behind.
 
 Two forms of the same model:
 - :func:`simulate`: a :class:`wiretap.gvret.Connection` and the model on a fake clock, with a
-  fake network (one-way delay, a batch from the dispatcher every 2 ms). Deterministic, so a
+  fake network (one-way delay, a batch from the dispatcher every 2 ms, a writer that paces as
+  the server's does). Deterministic, so a
   minute of a bus at five times its saturated rate runs in seconds and every figure is exact.
 - :func:`model_client` / :func:`feeder`: the model as a real TCP client and a seam feeder, each
   in a process of its own (no shared GIL with the server), for the host tier and the bench.
@@ -26,6 +27,7 @@ from typing import Deque, List, Optional, Tuple
 
 from wiretap import gvret
 from wiretap.frames import CAN_FRAME, make_frame
+from wiretap.gvret import PACE_BYTES, PACE_INTERVAL_S
 
 SAVVYCAN_HELLO = bytes.fromhex("E7E7F10CF106F107F101F109")
 KEEPALIVE = b"\xf1\x09"
@@ -130,6 +132,8 @@ def simulate(
     figures = Figures()
     check = StreamCheck(figures)
     to_client: Deque[Tuple[float, bytes]] = collections.deque()
+    outbox: Deque[bytes] = collections.deque()  # frame pieces the writer has yet to send
+    next_write = 0.0
     to_server: Deque[Tuple[float, bytes]] = collections.deque()
     queued = bytearray()
     busy_until = 0.0
@@ -152,7 +156,7 @@ def simulate(
     for step in range(steps):
         now = step * step_s
         while to_server and to_server[0][0] <= now:
-            undelivered = sum(len(data) for _, data in to_client)
+            undelivered = sum(len(data) for _, data in to_client) + sum(map(len, outbox))
             for event in connection.receive_data(to_server.popleft()[1], now, undelivered):
                 if isinstance(event, gvret.Reply):
                     to_client.append((now + one_way_s, event.data))
@@ -165,12 +169,17 @@ def simulate(
             figures.fed += count
             out = connection.send_frames(frames, now)
             figures.dropped += out.dropped
-            if out.data:
-                to_client.append((now + one_way_s, out.data))
+            outbox.extend(out.pieces() if out.cuts else [out.data] if out.data else [])
             next_batch += batch_s
+        if outbox and now >= next_write:  # the writer thread, paced as the server paces it
+            piece = outbox.popleft()
+            while connection.paced and outbox and len(piece) + len(outbox[0]) <= PACE_BYTES:
+                piece += outbox.popleft()
+            to_client.append((now + one_way_s, piece))
+            next_write = now + (PACE_INTERVAL_S if connection.paced else 0.0)
         while to_client and to_client[0][0] <= now:
             queued += to_client.popleft()[1]
-        if now > seconds and now >= busy_until and not (to_client or to_server or queued):
+        if now > seconds and now >= busy_until and not (to_client or to_server or queued or outbox):
             break
         if hiccup and hiccup[0] <= now < hiccup[0] + step_s:
             busy_until = max(busy_until, now + hiccup[1])
@@ -221,6 +230,9 @@ def model_client(pipe: Pipe, port: int) -> None:
                 command = pipe.recv()
                 if command == "stop":
                     break
+                if command == "reset":  # a new phase: its own largest read and gaps
+                    figures.largest_read = 0
+                    figures.keepalive_gaps = []
                 pipe.send(figures)
             if not any(key.data == "socket" for key, _ in ready):
                 continue

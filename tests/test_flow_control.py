@@ -119,9 +119,13 @@ def test_model_savvycan_at_five_times_the_rate(rig, caplog):
     assert figures.received > 0
     lines = [r.getMessage() for r in caplog.records if "frames dropped for it" in r.getMessage()]
     assert 1 <= len(lines) <= 2  # at most one per 10 s for this client
-    # When the load drops, it gets every frame again, by itself: once its keepalives come on
-    # time again, its window is back to full.
-    wait_until(lambda: rig.connection.protocol.window == WINDOW_MAX, what="a full window")
+    # When the load drops, it gets every frame again, by itself: once it has acknowledged what
+    # it read and its keepalives come on time again, its window is open and back to full.
+    protocol = rig.connection.protocol
+    wait_until(
+        lambda: protocol.window == WINDOW_MAX and protocol.unacknowledged == 0,
+        what="an open window",
+    )
     dropped = rig.connection.dropped
     rig.feed(DENSE_FPS // 2, DENSE_FPS // 10)
     after = rig.drain()

@@ -394,6 +394,13 @@ does not send keepalives (SavvyCAN with "validate comm" turned off): flow contro
 it, since nothing would ever open its window again. A SavvyCAN that does send them is never
 silent this long: its reads are bounded by the window (60 KB take it about 4 s)."""
 
+PACE_BYTES = 2048
+PACE_INTERVAL_S = 0.005
+"""A flow-controlled client is written at most ``PACE_BYTES`` of frames at a time,
+``PACE_INTERVAL_S`` apart (400 KB/s, twice a saturated bus of 8-byte frames). SavvyCAN reads
+whatever is queued at once: paced, that is one write (2 KB: 4 ms of its time), never all that
+piled up while this server was held up, which would cost it seconds and start the spiral."""
+
 HANDSHAKE_S = 1.0
 """How long after binary mode an ``auto`` client that has sent nothing telling (only ``E7`` and
 ``F1 0C``) is still in its handshake, its long CAN FD frames held back rather than risk the
@@ -496,6 +503,12 @@ class Outgoing(NamedTuple):
     dropped: int  # frames the flow-control window left out
     fd_skipped: int  # long CAN FD frames this client's dialect cannot carry
     notices: Tuple[FlowControlStopped, ...] = ()
+    cuts: Tuple[int, ...] = ()  # paced: offsets cutting ``data`` into whole-frame pieces
+
+    def pieces(self) -> List[bytes]:
+        """``data`` in the pieces a paced client is written one at a time."""
+        bounds = [0, *self.cuts, len(self.data)]
+        return [self.data[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 NOTHING = Outgoing(b"", 0, 0, 0)
@@ -729,19 +742,45 @@ class Connection:
         self.fd_skipped += skipped
         dropped = 0
         notices: Tuple[FlowControlStopped, ...] = ()
+        cuts: Tuple[int, ...] = ()
         if self.flow_controlled:
             room = self.window - (self._sent - self._acked)
             if len(data) > room and now - self._last_command_at > FLOW_CONTROL_GIVE_UP_S:
                 self.flow_controlled = False
                 notices = (FlowControlStopped(now - self._last_command_at),)
-            elif len(data) > room:
-                data, kept = self._fit(selected, dialect, room)
-                dropped = count - kept
-                count = kept
-            self._sent += len(data)
+            else:
+                if len(data) > room:
+                    data, kept = self._fit(selected, dialect, room)
+                    dropped = count - kept
+                    count = kept
+                if len(data) > PACE_BYTES:
+                    cuts = self._cuts(selected, dialect, len(data))
+                self._sent += len(data)
         self.frames_sent += count
         self.frames_dropped += dropped
-        return Outgoing(data, count, dropped, skipped, notices)
+        return Outgoing(data, count, dropped, skipped, notices, cuts)
+
+    @staticmethod
+    def _cuts(frames: Sequence[Frame], dialect: Dialect, total: int) -> Tuple[int, ...]:
+        """Where to cut the first ``total`` bytes of ``frames``' encoding into pieces of at most
+        ``PACE_BYTES`` (or one frame, if larger), at frame boundaries."""
+        cuts: List[int] = []
+        offset = piece = 0
+        for frame in frames:
+            size = _frame_size(frame, dialect)
+            if offset + size > total:
+                break
+            if piece and piece + size > PACE_BYTES:
+                cuts.append(offset)
+                piece = 0
+            offset += size
+            piece += size
+        return tuple(cuts)
+
+    @property
+    def paced(self) -> bool:
+        """Whether frame data goes out in pieces, ``PACE_INTERVAL_S`` apart."""
+        return self.flow_controlled
 
     def _fit(self, frames: Sequence[Frame], dialect: Dialect, room: int) -> Tuple[bytes, int]:
         """The longest first part of ``frames`` whose encoding fits in ``room`` bytes: frames

@@ -102,26 +102,49 @@ class Outbox:
         """Frame bytes queued here, not yet written to the socket."""
         return self._frame_bytes
 
-    def take(self, timeout: float) -> Optional[bytes]:
-        """The next bytes to write: all waiting replies, else up to a chunk of frame data."""
+    def put_frame_pieces(self, pieces: Sequence[bytes], count: int) -> bool:
+        """Queue the pieces of one batch (``count`` frames), all or none, each to be written
+        on its own (a paced client)."""
+        size = sum(len(piece) for piece in pieces)
         with self._ready:
-            if not (self._replies or self._frames or self.closed):
-                self._ready.wait(timeout)
-            if self._replies:
-                data = b"".join(self._replies)
-                self._replies.clear()
-                self._reply_bytes = 0
-                return data
-            if not self._frames:
-                return None
+            accepted = self._frame_bytes + size <= self.capacity
+            if accepted:
+                self._frames.extend(pieces)
+                self._frame_bytes += size
+                self._ready.notify()
+        if not accepted:
+            self.drops.add(count)
+        return accepted
+
+    def take(
+        self, timeout: float, limit: int = WRITE_CHUNK, frames_from: float = 0.0
+    ) -> Tuple[Optional[bytes], bool]:
+        """The next bytes to write and whether they are frame data: all waiting replies first;
+        else frame data up to about ``limit`` bytes, not before monotonic time ``frames_from``
+        (replies never wait for it)."""
+        deadline = time.monotonic() + timeout
+        with self._ready:
+            while True:
+                if self._replies:
+                    data = b"".join(self._replies)
+                    self._replies.clear()
+                    self._reply_bytes = 0
+                    return data, False
+                now = time.monotonic()
+                if self._frames and now >= frames_from:
+                    break
+                if self.closed or now >= deadline:
+                    return None, False
+                wake = deadline if not self._frames else min(deadline, frames_from)
+                self._ready.wait(wake - now)
             parts: List[bytes] = []
             size = 0
-            while self._frames and size < WRITE_CHUNK:
+            while self._frames and (not parts or size + len(self._frames[0]) <= limit):
                 chunk = self._frames.popleft()
                 parts.append(chunk)
                 size += len(chunk)
             self._frame_bytes -= size
-            return parts[0] if len(parts) == 1 else b"".join(parts)
+            return (parts[0] if len(parts) == 1 else b"".join(parts)), True
 
     def close(self) -> None:
         with self._ready:
@@ -241,7 +264,13 @@ class ClientConnection:
                 self.dropped,
                 gvret.WINDOW_MAX // 1024,
             )
-        if out.data and self.outbox.put_frames(out.data, out.frames):
+        if not out.data:
+            return
+        if out.cuts:
+            accepted = self.outbox.put_frame_pieces(out.pieces(), out.frames)
+        else:
+            accepted = self.outbox.put_frames(out.data, out.frames)
+        if accepted:
             self.frames_sent += out.frames
 
     def refuse(self, key: str, message: str, *args: object) -> None:
@@ -259,15 +288,22 @@ class ClientConnection:
     def _write_loop(self) -> None:
         sock = self.sock
         outbox = self.outbox
+        protocol = self.protocol
+        frames_from = 0.0
         try:
             while True:
-                data = outbox.take(SOCKET_POLL_S)
+                if protocol.paced:
+                    data, frames = outbox.take(SOCKET_POLL_S, gvret.PACE_BYTES, frames_from)
+                else:
+                    data, frames = outbox.take(SOCKET_POLL_S)
                 if data is None:
                     if outbox.closed:
                         return
                     continue
                 if not self._send_all(data):
                     return
+                if frames:
+                    frames_from = time.monotonic() + gvret.PACE_INTERVAL_S
         except OSError as exc:
             log.debug("client %s: write failed: %s", self.who, exc)
         finally:
