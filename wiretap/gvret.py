@@ -1,8 +1,10 @@
 """The GVRET binary protocol, with no I/O (in the manner of h11).
 
-Owns: the per-connection :class:`ClientParser` (bytes in, events out), the reply builders for
-every command of the GVRET-over-TCP contract, and the frame encoders for each CAN FD dialect.
-Nothing here touches a socket or a clock: callers pass bytes and times in and send what comes out.
+Owns: :class:`Connection`, one client's protocol state (binary mode, CAN FD dialect, the client's
+own view of the buses, flow control and pacing), built on the byte-level :class:`ClientParser`
+(bytes in, events out); the reply builders for every command of the GVRET-over-TCP contract; and
+the frame encoders for each CAN FD dialect. Nothing here touches a socket or reads a clock:
+callers pass bytes and the time in and send what comes out.
 
 The contract is docs/gvret.md (copied from the team's spec); section numbers below refer to it.
 GVRET has no length prefix, so the parser is a byte-level state machine. It never raises on
