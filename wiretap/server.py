@@ -247,7 +247,7 @@ class ClientConnection:
                 self.who,
                 notice.silent_s,
             )
-        if out.fd_skipped and not self._fd_skip_logged:
+        if out.fd_skipped and not self._fd_skip_logged and self.dialect is gvret.Dialect.CLASSIC:
             self._fd_skip_logged = True
             log.info(
                 "client %s: CAN FD frames with more than 8 bytes are not sent to this client "
