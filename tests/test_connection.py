@@ -146,7 +146,9 @@ def test_a_silent_client_gets_wiretap_after_its_handshake_and_keeps_it() -> None
     connection = Connection(device(), flow_control=False)
     connection.receive_data(h("E7"), 0.0)
     assert connection.send_frames([fd_frame()], HANDSHAKE_S / 2).fd_skipped == 1
-    assert connection.send_frames([fd_frame()], HANDSHAKE_S).frames == 1
+    out = connection.send_frames([fd_frame()], HANDSHAKE_S)
+    assert out.frames == 1
+    assert out.notices == (DialectChosen(Dialect.WIRETAP, "it sent no F1 09 or F1 06 within 1 s"),)
     assert connection.dialect is Dialect.WIRETAP
     connection.receive_data(h("F1 06"), HANDSHAKE_S + 1)
     assert connection.dialect is Dialect.WIRETAP  # an FD frame already went out in that form

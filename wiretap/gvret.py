@@ -504,7 +504,7 @@ class Outgoing(NamedTuple):
     frames: int  # frames in ``data``
     dropped: int  # frames the flow-control window left out
     fd_skipped: int  # long CAN FD frames this client's dialect cannot carry
-    notices: Tuple[FlowControlStopped, ...] = ()
+    notices: Tuple[Union[FlowControlStopped, DialectChosen], ...] = ()
     cuts: Tuple[int, ...] = ()  # paced: offsets cutting ``data`` into whole-frame pieces
 
     def pieces(self) -> List[bytes]:
@@ -590,6 +590,7 @@ class Connection:
         self._last_command_at = now
         self._keepalives = 0
         self._last_keepalive_at = now
+        self._chosen: Optional[DialectChosen] = None  # chosen while sending, not yet told
 
     # --- client -> server -----------------------------------------------------------------
 
@@ -743,13 +744,15 @@ class Connection:
         data, count, skipped = encoded  # type: ignore[misc]
         self.fd_skipped += skipped
         dropped = 0
-        notices: Tuple[FlowControlStopped, ...] = ()
+        notices: Tuple[Union[FlowControlStopped, DialectChosen], ...] = ()
+        if self._chosen is not None:
+            notices, self._chosen = (self._chosen,), None
         cuts: Tuple[int, ...] = ()
         if self.flow_controlled:
             room = self.window - (self._sent - self._acked)
             if len(data) > room and now - self._last_command_at > FLOW_CONTROL_GIVE_UP_S:
                 self.flow_controlled = False
-                notices = (FlowControlStopped(now - self._last_command_at),)
+                notices += (FlowControlStopped(now - self._last_command_at),)
             else:
                 if len(data) > room:
                     data, kept = self._fit(selected, dialect, room)
@@ -812,6 +815,12 @@ class Connection:
             return Dialect.CLASSIC  # every frame has at most 8 bytes: the same in every dialect
         if self._telling_command or now - self._binary_at >= HANDSHAKE_S:
             self.dialect = Dialect.WIRETAP
+            self._chosen = DialectChosen(
+                Dialect.WIRETAP,
+                "it sent other commands first, not F1 09 or F1 06"
+                if self._telling_command
+                else f"it sent no F1 09 or F1 06 within {HANDSHAKE_S:g} s",
+            )
             return Dialect.WIRETAP
         # Still in what may be SavvyCAN's handshake split by TCP (E7 E7 F1 0C | F1 06 ...):
         # hold long FD frames back, as the classic dialect would, rather than guess.

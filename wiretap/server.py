@@ -241,6 +241,11 @@ class ClientConnection:
         with self.lock:
             out = self.protocol.send_frames(frames, time.monotonic(), shared)
         for notice in out.notices:
+            if isinstance(notice, gvret.DialectChosen):
+                log.info(
+                    "client %s: dialect %s (%s)", self.who, notice.dialect.value, notice.reason
+                )
+                continue
             log.warning(
                 "client %s: sent nothing for %.0f s, so it does not send keepalives: flow "
                 "control stopped for it (its reads are no longer bounded)",
