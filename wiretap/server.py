@@ -308,7 +308,13 @@ class ClientConnection:
                 if not self._send_all(data):
                     return
                 if frames:
-                    frames_from = time.monotonic() + gvret.PACE_INTERVAL_S
+                    # On a schedule, not an interval after each write: a writer woken late
+                    # may send the next piece at once (at most one), so that the pace holds
+                    # on a busy machine; it never makes up for more than one interval.
+                    now = time.monotonic()
+                    frames_from = max(frames_from, now - gvret.PACE_INTERVAL_S) + (
+                        gvret.PACE_INTERVAL_S * len(data) / gvret.PACE_BYTES
+                    )
         except OSError as exc:
             log.debug("client %s: write failed: %s", self.who, exc)
         finally:
