@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from wiretap.pg.writer import TimestampText, quote_function_name, render_row
+from wiretap.pg.names import quote_function_name
+from wiretap.pg.rows import TimestampText, render_row
 
 
 @pytest.mark.parametrize(
@@ -33,11 +34,11 @@ def test_timestamp_text_is_utc_with_microseconds():
 
 def test_rows_render_as_typed_sql_literals():
     row = (0, 0x1ABCDEF0, True, 2, False, b"\x01\xab", 3, "tx")
-    assert render_row("2023-11-14 22:13:20.000001+00", row, casts=False).getquoted() == (
-        b"('2023-11-14 22:13:20.000001+00',448585456,true,2,false,E'\\\\x01ab'::bytea,3,'tx')"
+    assert render_row("2023-11-14 22:13:20.000001+00", row, casts=False) == (
+        "('2023-11-14 22:13:20.000001+00',448585456,true,2,false,E'\\\\x01ab'::bytea,3,'tx')"
     )
-    assert render_row("T", row, casts=True).getquoted() == (
-        b"('T'::timestamptz,448585456,true,2::smallint,false,E'\\\\x01ab'::bytea,3,'tx'::text)"
+    assert render_row("T", row, casts=True) == (
+        "('T'::timestamptz,448585456,true,2::smallint,false,E'\\\\x01ab'::bytea,3,'tx'::text)"
     )
 
 
