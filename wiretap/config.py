@@ -33,6 +33,7 @@ else:
 GVRET_BUS_COUNT = 16  # the bus number is one nibble in GVRET frames
 IFNAMSIZ = 16  # <linux/if.h>: interface names are at most 15 characters plus the NUL
 SPOOL_FILE_NAME = "wiretap-spool.db"
+STATE_DIRECTORY_NAME = "wiretap-server"  # as in StateDirectory= of wiretap-server.service
 REPLAY_PREFIX = "replay:"
 
 
@@ -359,6 +360,8 @@ _FLAGS: Tuple[_Flag, ...] = (
           "Frames the database writer may hold before spooling to disk"),
     _Flag(("--pg-dir",), "postgres.dir", "DIR",
           "Direction stored for frames read from the bus; unset = --default-dir"),
+    _Flag(("--pg-cache-path",), "postgres.cache_path", "PATH",
+          "Spool file for frames while the database is away (default: the state directory)"),
     _Flag(("--log-level",), "logging.level", "LEVEL",
           "Log level: DEBUG, INFO, WARNING, ERROR or CRITICAL"),
     _Flag(("--stats-interval",), "logging.stats_interval", "SEC",
@@ -536,8 +539,17 @@ def _check_bus_count(values: Mapping[str, Any]) -> List[str]:
 
 
 def _default_spool_path(environ: Mapping[str, str]) -> str:
+    """systemd's ``StateDirectory=`` (``/var/lib/wiretap-server`` with the shipped unit), else
+    the user's XDG state directory (``~/.local/state/wiretap-server``), else the working
+    directory: a spool must outlive the process, so not a temporary folder."""
     # systemd joins several StateDirectory= entries with ':'; the first is ours.
     state_directory = environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if not state_directory:
+        xdg_state = environ.get("XDG_STATE_HOME", "")
+        home = environ.get("HOME", "")
+        if xdg_state or home:
+            base = xdg_state or os.path.join(home, ".local", "state")
+            state_directory = os.path.join(base, STATE_DIRECTORY_NAME)
     return os.path.join(state_directory or ".", SPOOL_FILE_NAME)
 
 
