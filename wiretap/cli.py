@@ -56,8 +56,11 @@ def _check_database(config: Config) -> int:
     """``--check-config`` with ingest on: can the server write where it is told to? A mistake
     (a missing table or function, a refused login) is a configuration error; a database that
     is down is not (the server spools until it is back)."""
-    from wiretap.pg.writer import check_target
-
+    try:
+        from wiretap.pg.writer import check_target
+    except ImportError as error:
+        print(f"# database: not checked ({error}; pip install -r requirements.txt)")
+        return 0
     verdict, text = check_target(config.postgres)
     if verdict == "mistake":
         print(f"config error: database: {text}", file=sys.stderr)
