@@ -221,9 +221,7 @@ def test_poisoned_rows_are_logged_counted_and_skipped(pg, make_writer, pg_log):
          "Fix: libpq cannot use the connection string: correct the DSN"),
     ],
 )  # fmt: skip
-def test_unreachable_database_at_start_spools_and_says_so(
-    make_writer, tmp_path, pg_log, dsn, said
-):
+def test_unreachable_database_at_start_spools_and_says_so(make_writer, tmp_path, pg_log, dsn, said):
     from pgcluster import free_port
 
     writer = make_writer(dsn.format(port=free_port()))
