@@ -121,13 +121,15 @@ class _SpoolStuck(Exception):
     """The spool refused to record an intent (a full disk): nothing was committed."""
 
 
-def connect(dsn: str) -> psycopg2.extensions.connection:
+def connect(
+    dsn: str, statement_timeout_s: float = STATEMENT_TIMEOUT_S
+) -> psycopg2.extensions.connection:
     """A connection with the writer's application name, timeouts and keepalives."""
     params = psycopg2.extensions.parse_dsn(dsn) if dsn else {}
     extra = {key: value for key, value in CONNECTION_DEFAULTS.items() if key not in params}
     conn = psycopg2.connect(dsn, application_name=APPLICATION_NAME, **extra)
     with conn.cursor() as cur:
-        cur.execute("SET statement_timeout = %s", (f"{int(STATEMENT_TIMEOUT_S * 1000)}ms",))
+        cur.execute("SET statement_timeout = %s", (f"{int(statement_timeout_s * 1000)}ms",))
     conn.commit()
     return conn
 
@@ -198,6 +200,7 @@ class PgWriter:
         self._rx_dir = settings.dir or default_dir
         self._cache_path = settings.cache_path
         self._cache_max_bytes = int(settings.cache_max_mb * 1024 * 1024)
+        self._statement_timeout_s = statement_timeout_s
         self._abandon_after = statement_timeout_s * ABANDON_FACTOR
         self._write_batch: Callable[[Any, List[Row]], None] = {
             "insert": self._insert,
@@ -240,6 +243,7 @@ class PgWriter:
         self._logs = RateLimitedLog(log, LOG_INTERVAL_S)
         self._config_log = RateLimitedLog(log, CONFIG_LOG_INTERVAL_S)
         self.config_problem = ""  # the current configuration mistake, for status pages
+        self.connects = 0  # connection attempts
 
     # -- broker side (dispatcher thread) --------------------------------------------------------
 
@@ -399,8 +403,9 @@ class PgWriter:
 
     def _spool_waiting(self, final: bool) -> None:
         """Move frames the writer cannot take to the spool: all of them when the database is
-        away, a statement holds the writer up, or the writer is done; down to half the queue
-        when it is above the spill level."""
+        away, a statement holds the writer up, the spool has a backlog to drain first, or the
+        writer is done; down to half the queue when it is above the spill level. So frames
+        wait in memory a fraction of a second at most, unless the spool is full."""
         ledger = self.ledger
         if not ledger.queued:
             if self._next_mark:
@@ -410,6 +415,7 @@ class PgWriter:
         if (
             final
             or self._outage
+            or ledger.spooled  # a backlog drains first: new frames wait on disk behind it
             or (started is not None and time.monotonic() - started > SLOW_STATEMENT_S)
             or (self._stopping.is_set() and self._conn is None)
             or (self._stopping.is_set() and time.monotonic() >= self._writer_deadline)
@@ -689,8 +695,9 @@ class PgWriter:
     # -- database -------------------------------------------------------------------------------
 
     def _connect(self) -> None:
+        self.connects += 1
         try:
-            conn = connect(self._dsn)
+            conn = connect(self._dsn, self._statement_timeout_s)
         except psycopg2.Error as error:
             self._lose_connection(diagnose(error))
             return
