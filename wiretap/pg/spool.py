@@ -27,8 +27,9 @@ from .rows import Row
 # What one row costs on disk besides its payload (record header, key, integers, page slack):
 # an estimate, so the size bound needs no file-size polling.
 ROW_OVERHEAD_BYTES = 48
-# Free space the spool leaves on its file system: enough for the WAL pages of deleting one
-# drained batch and recording an intent, so that a spool that filled the disk can still empty.
+# Free space the spool leaves on its file system (at most a quarter of it): enough for the WAL
+# pages of deleting one drained batch and recording an intent, so that a spool that filled the
+# disk can still empty itself.
 RESERVE_BYTES = 512 * 1024
 # Checkpoint the WAL into the database every this many pages (SQLite's default is 1000, 4 MB),
 # and cut the WAL file back to this size after: a spool on a small disk must not keep megabytes
@@ -86,6 +87,9 @@ class Spool:
         self.path = path
         self.max_bytes = max_bytes
         self.reserve_bytes = reserve_bytes
+        with contextlib.suppress(OSError):  # a small file system keeps a quarter of itself free
+            stat = os.statvfs(os.path.dirname(os.path.abspath(path)))
+            self.reserve_bytes = min(reserve_bytes, stat.f_blocks * stat.f_frsize // 4)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("pragma journal_mode=wal")
