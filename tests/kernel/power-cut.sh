@@ -43,7 +43,7 @@ kvm=(--disable-kvm)
 boot() {
     # vng's console output garbles when written straight to a file: it goes through cat.
     PATH="$venv/bin:$PATH" timeout "${WIRETAP_VM_TIMEOUT:-600}" vng --run "$kernel" "${kvm[@]}" \
-        --force-9p --memory 512M --rwdir "$work" --cwd "$repo" --disk "spool=$work/disk.img" \
+        --force-9p --memory 512M --rwdir "$work" --cwd "$repo" --disk "$work/disk.img" \
         --exec "$python tests/kernel/power_cut.py $1 $work /dev/sda" </dev/null 2>&1 | cat || true
 }
 

@@ -86,7 +86,8 @@ def check(work: Path, device: str) -> None:
 def verdict(work: Path) -> int:
     fed = []
     cut = None
-    for line in (work / "fed.log").read_text().splitlines():
+    fed_log = work / "fed.log"
+    for line in fed_log.read_text().splitlines() if fed_log.exists() else []:
         kind, count, when = line.split()
         if kind == "cut":
             cut = (int(count), float(when))

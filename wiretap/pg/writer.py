@@ -460,7 +460,7 @@ class PgWriter:
                 self.ledger.spooled_from_memory(fit, by_writer)
         if fit < len(frames):
             self._logs.log(
-                    "spool-full", logging.ERROR,
+                "spool-full", logging.ERROR,
                 "spool %s is full (%d frames, %d of %d MB, or its disk): frames wait in the"
                 " queue, and are dropped and counted when it overflows",
                 self._cache_path, self._spool.count, self._spool.size_bytes >> 20,
@@ -499,8 +499,8 @@ class PgWriter:
         self._statement_started = None
         self._disconnect()
         first, frames = self._held
-        held = self.ledger.in_flight
-        if frames and held:
+        held = self.ledger.in_flight - (len(self._in_doubt[3]) if self._in_doubt else 0)
+        if frames and held > 0:
             rest = frames[len(frames) - held :]
             self._held_failures += 1
             if self._held_failures >= WRITER_ERROR_RETRIES:
