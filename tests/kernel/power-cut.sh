@@ -51,4 +51,4 @@ echo "power-cut drill: first boot, streaming into the spool until the power goes
 boot stream
 echo "power-cut drill: second boot, checking the spool"
 boot check
-exec "$python" tests/kernel/power_cut.py verdict "$work"
+"$python" tests/kernel/power_cut.py verdict "$work"

@@ -1,7 +1,7 @@
 """The spool's power-cut drill, both sides (tests/kernel/power-cut.sh boots the VM twice).
 
 ``stream WORK DEVICE``  (guest, first boot): mount DEVICE (a disk image with ext4) at
-    /mnt/spool, run the database writer with the database away so every frame goes to the spool
+    /tmp/spool, run the database writer with the database away so every frame goes to the spool
     on it, feed numbered frames at RATE frames/s logging ``fed N T`` to WORK/fed.log, and after
     a few seconds cut the power: ``echo b > /proc/sysrq-trigger`` reboots at once, without
     syncing anything.
@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import sqlite3
@@ -25,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "tests" / "pg")]
 
-MOUNT = Path("/mnt/spool")
+MOUNT = Path("/tmp/spool")  # the guest sees the host read-only, except /tmp and WORK
 SPOOL = MOUNT / "wiretap-spool.db"
 RATE = 2000  # frames/s: the guest runs without KVM, emulated, many times slower than the host
 STREAM_S = 4.0
@@ -35,6 +36,8 @@ SETTLED_S = 1.0  # frames older than this at the cut must have survived it
 def mount(device: str) -> None:
     MOUNT.mkdir(parents=True, exist_ok=True)
     subprocess.run(["modprobe", "ext4"], check=False)
+    if not os.path.exists(device):  # virtio-scsi names it /dev/sda, unless udev renamed it
+        device = (sorted(glob.glob("/dev/disk/by-id/scsi-0virtme_disk_*")) or [device])[0]
     subprocess.run(["mount", "-t", "ext4", device, str(MOUNT)], check=True)
 
 
