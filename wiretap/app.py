@@ -184,8 +184,13 @@ class App:
         return f"{source.name}: {result.value}"
 
     def counters(self) -> Dict[str, object]:
+        """The stats line's values. With a database, its fields balance:
+        ``rx + carried == wrote + spooled + queued + dropped`` (``rx`` counts every frame read,
+        ``queued`` every frame in memory on its way to the database, ``dropped`` every frame lost
+        on the way, ``carried`` the rows a previous run left in the spool)."""
+        broker = self.broker
         values: Dict[str, object] = {
-            "rx": self.broker.frames_in,
+            "rx": broker.frames_in + broker.overflow.total + broker.pending,
             "clients": len(self.hub.clients),
             "client_drops": self.hub.client_drops(),
             "conn": 0,
@@ -196,8 +201,9 @@ class App:
         values["tx_fail"] = int(values.get("tx_fail", 0)) + self.hub.transmits_refused()
         if self.pg is not None:
             values.update(self.pg.counters())
+            values["queued"] = int(values["queued"]) + broker.pending
         # Frames the broker could not queue were lost for every consumer, the database included.
-        values["dropped"] = int(values.get("dropped", 0)) + self.broker.overflow.total
+        values["dropped"] = int(values.get("dropped", 0)) + broker.overflow.total
         return values
 
     def start(self) -> None:
