@@ -11,7 +11,8 @@ Each client has an outbox: replies to its commands go out ahead of any queued fr
 SavvyCAN keepalive must never wait behind frames), and frame data is bounded (256 KB; beyond it
 the client loses frames, counted). The kernel's send buffer is kept small (~64 KB). Neither bounds
 what waits in the *client's* receive queue, which its kernel grows to megabytes: for clients
-that send keepalives like SavvyCAN, the connection's flow-control window does (docs/gvret.md §3).
+that send keepalives like SavvyCAN, the connection's flow-control window does, and their writer
+paces frame data (``gvret.PACE_BYTES`` per ``gvret.PACE_INTERVAL_S``; docs/gvret.md §3).
 """
 
 from __future__ import annotations
