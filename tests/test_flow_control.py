@@ -19,9 +19,10 @@ import multiprocessing
 import time
 
 import pytest
-from harness import wait_until
+from harness import Bus, wait_until
 from savvycan_model import DENSE_FPS, READ_LIMIT, Figures, feeder, model_client
 
+from wiretap.app import App
 from wiretap.gvret import WINDOW_MAX
 from wiretap.server import REFUSAL_LOG_INTERVAL_S
 
@@ -31,7 +32,7 @@ CONTEXT = multiprocessing.get_context("fork")
 class Rig:
     """A model client and a feeder process around one server."""
 
-    def __init__(self, app, bus) -> None:  # noqa: ANN001
+    def __init__(self, app: App, bus: Bus) -> None:
         self.app = app
         self.feeder_pipe, child = CONTEXT.Pipe()
         self.feeder = CONTEXT.Process(target=feeder, args=(child, bus.test_end), daemon=True)
