@@ -23,11 +23,12 @@ import socket
 import socketserver
 import threading
 import time
-from typing import Callable, Deque, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Deque, Hashable, Iterable, List, Optional, Sequence, Set, Tuple
 
 from . import gvret
 from .broker import DropReporter
 from .frames import Frame
+from .ratelimit import RateLimitedLog
 
 log = logging.getLogger("wiretap.server")
 
@@ -39,7 +40,7 @@ STALL_TIMEOUT_S = 30.0
 SOCKET_POLL_S = 0.5
 BEACON_PORT = 17222
 BEACON_PAYLOAD = b"\x1c\xef\xac\xed"
-REFUSAL_LOG_INTERVAL_S = 10.0
+PEER_LOG_INTERVAL_S = 10.0  # each kind of line a client can trigger: at most one per 10 s
 
 Transmit = Callable[[Frame, int], Optional[str]]
 """Sends a frame for client ``origin``; returns None when sent, else why it was not."""
@@ -115,9 +116,16 @@ class ClientConnection:
 
     _tokens = itertools.count(1)
 
-    def __init__(self, sock: socket.socket, who: str, dialect: Optional[gvret.Dialect]) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        who: str,
+        dialect: Optional[gvret.Dialect],
+        peer_log: RateLimitedLog,
+    ) -> None:
         self.sock = sock
         self.who = who
+        self.peer_log = peer_log
         self.token = next(self._tokens)
         self.fixed_dialect = dialect
         self.dialect = dialect or gvret.Dialect.WIRETAP
@@ -127,8 +135,6 @@ class ClientConnection:
         self.frames_sent = 0
         self.tx_refused = 0
         self._fd_skip_logged = False
-        self._read_only_logged = False
-        self._last_refusal_log = float("-inf")
         self._writer = threading.Thread(target=self._write_loop, name=f"writer-{who}", daemon=True)
 
     def start_writer(self) -> None:
@@ -158,24 +164,21 @@ class ClientConnection:
         if data and self.outbox.put_frames(data, count):
             self.frames_sent += count
 
-    def log_refusal(self, reason: str) -> None:
-        """A refused transmit: counted always, logged at most once per 10 s."""
-        self.tx_refused += 1
-        now = time.monotonic()
-        if now - self._last_refusal_log >= REFUSAL_LOG_INTERVAL_S:
-            self._last_refusal_log = now
-            log.warning(
-                "client %s: transmit refused: %s (%d refused so far)",
-                self.who,
-                reason,
-                self.tx_refused,
-            )
+    def complain(self, kind: Hashable, level: int, msg: str, *args: object) -> None:
+        """Logs a line this client's input caused: at most one per ``kind`` per 10 s, and the
+        count of those held back on the next one (or on the ``disconnected`` line)."""
+        self.peer_log.log((self.who, kind), level, "client %s: " + msg, self.who, *args)
 
-    def refuse_read_only(self) -> None:
+    def refuse_transmit(self, reason: str) -> None:
+        """A refused transmit: counted always, logged through :meth:`complain`."""
         self.tx_refused += 1
-        if not self._read_only_logged:
-            self._read_only_logged = True
-            log.warning("client %s: transmit refused: the server is read-only", self.who)
+        self.complain(
+            "transmit refused",
+            logging.WARNING,
+            "transmit refused: %s (%d refused so far)",
+            reason,
+            self.tx_refused,
+        )
 
     def _write_loop(self) -> None:
         sock = self.sock
@@ -301,6 +304,7 @@ class GvretServer(socketserver.ThreadingTCPServer):
         self.allow = _parse_networks(allow)
         self.max_clients = max_clients
         self.fixed_dialect = None if dialect == "auto" else gvret.Dialect(dialect)
+        self.peer_log = RateLimitedLog(log, PEER_LOG_INTERVAL_S)
         self._active = 0
         self._active_lock = threading.Lock()
         self._admitted: Set[socket.socket] = set()
@@ -312,17 +316,29 @@ class GvretServer(socketserver.ThreadingTCPServer):
 
     def verify_request(self, request, client_address) -> bool:  # noqa: ANN001 (socketserver API)
         who = _address(client_address)
+        host = client_address[0]
+        # Keyed by the peer's host, not its port: each new connection has a new port, and a
+        # peer that connects in a loop must not get a line per connection.
         if self.allow:
-            peer = ipaddress.ip_address(client_address[0])
+            peer = ipaddress.ip_address(host)
             if peer.version == 6 and peer.ipv4_mapped:
                 peer = peer.ipv4_mapped
             if not any(peer in network for network in self.allow):
-                log.warning("client %s: refused, not in the allow list", who)
+                self.peer_log.log(
+                    (host, "not allowed"),
+                    logging.WARNING,
+                    "client %s: refused, not in the allow list",
+                    who,
+                )
                 return False
         with self._active_lock:
             if self._active >= self.max_clients:
-                log.warning(
-                    "client %s: refused, already serving max_clients=%d", who, self.max_clients
+                self.peer_log.log(
+                    (host, "max_clients"),
+                    logging.WARNING,
+                    "client %s: refused, already serving max_clients=%d",
+                    who,
+                    self.max_clients,
                 )
                 return False
             self._active += 1
@@ -367,7 +383,9 @@ class GvretHandler(socketserver.BaseRequestHandler):
         sock.settimeout(SOCKET_POLL_S)
         self.who = _address(self.client_address)
         threading.current_thread().name = f"client-{self.who}"
-        self.client = ClientConnection(sock, self.who, self.server.fixed_dialect)
+        self.client = ClientConnection(
+            sock, self.who, self.server.fixed_dialect, self.server.peer_log
+        )
 
     def handle(self) -> None:
         client = self.client
@@ -397,11 +415,13 @@ class GvretHandler(socketserver.BaseRequestHandler):
         self.server.release(self.request)
         self.server.hub.remove(client)
         client.stop_writer()
+        suppressed = self.server.peer_log.forget(self.who)
         log.info(
-            "client %s: disconnected (%d frames sent, %d dropped)",
+            "client %s: disconnected (%d frames sent, %d dropped%s)",
             self.who,
             client.frames_sent,
             client.outbox.drops.total,
+            f", {suppressed} log lines suppressed" if suppressed else "",
         )
 
     def _handle_events(self, events: List[gvret.Event]) -> bool:
@@ -424,15 +444,16 @@ class GvretHandler(socketserver.BaseRequestHandler):
                 if reply is not None and not client.outbox.put_reply(reply):
                     return False
             elif isinstance(event, gvret.Setting):
-                log.info(
-                    "client %s: ignoring command %02X %s (the server does not reconfigure "
-                    "interfaces for network clients)",
-                    self.who,
+                client.complain(
+                    ("ignoring command", event.cmd),
+                    logging.INFO,
+                    "ignoring command %02X %s (the server does not reconfigure interfaces for "
+                    "network clients)",
                     event.cmd,
                     event.payload.hex(" "),
                 )
             elif isinstance(event, gvret.BadTransmit):
-                client.log_refusal(event.reason)
+                client.refuse_transmit(event.reason)
             elif isinstance(event, gvret.Transmit):
                 self._transmit(event)
         # Streaming starts after the whole read is handled, so a client's first burst (SavvyCAN
@@ -450,14 +471,14 @@ class GvretHandler(socketserver.BaseRequestHandler):
             client.add_frames(*gvret.encode_frames([frame], client.dialect, server.hub.start_ns))
             return
         if server.read_only:
-            client.refuse_read_only()
+            client.refuse_transmit("the server is read-only")
             return
         if event.bus >= server.device.bus_count or not server.device.bus_params(event.bus).enabled:
-            client.log_refusal(f"no bus {event.bus} on this server")
+            client.refuse_transmit(f"no bus {event.bus} on this server")
             return
         reason = server.transmit(gvret.transmit_frame(event), client.token)
         if reason is not None:
-            client.log_refusal(f"bus {event.bus}: {reason}")
+            client.refuse_transmit(f"bus {event.bus}: {reason}")
 
 
 class Beacon:
