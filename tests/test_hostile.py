@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import threading
 
 from gvret_client import GvretClient
 from harness import wait_until
+
+from wiretap.server import GvretHandler
 
 SUPPRESSED = re.compile(r"\((\d+) more suppressed\)")
 HELD_AT_DISCONNECT = re.compile(r"disconnected \(.*, (\d+) log lines suppressed\)")
@@ -55,3 +58,28 @@ def test_connecting_in_a_loop_past_max_clients_costs_one_line(harness, bus_facto
     refused = [r.getMessage() for r in caplog.records if "max_clients=1" in r.getMessage()]
     assert len(refused) == 1
     assert app.server.peer_log.suppressed_total == 49
+
+
+def test_a_connection_that_comes_in_during_shutdown_is_closed_too(
+    harness, bus_factory, monkeypatch
+):
+    # Hold a handler between its setup and its registration while the server stops: the window
+    # in which a snapshot of the clients misses it.
+    past_setup, resume = threading.Event(), threading.Event()
+    setup = GvretHandler.setup
+
+    def held_setup(handler):
+        setup(handler)
+        past_setup.set()
+        resume.wait(60)
+
+    monkeypatch.setattr(GvretHandler, "setup", held_setup)
+    app = harness.start("--iface", "can0", buses={"can0": bus_factory()})
+    late = socket.create_connection(("127.0.0.1", app.port), timeout=10)
+    assert past_setup.wait(10)
+    app.stop()
+    resume.set()
+    late.sendall(b"\xe7\xe7\xf1\x09")
+    assert late.recv(10) == b""  # closed by the server, unserved
+    assert app.hub.clients == ()
+    late.close()

@@ -228,10 +228,12 @@ class App:
         for source in self.sources:
             source.join(budget(2.0))
         self.broker.stop(budget(2.0))
+        # Close the door before closing the clients: a handler that registers from now on ends
+        # its own connection, so none is left open by having come in during the shutdown.
+        clients = self.hub.close()
         if self._server_thread.is_alive():
             self.server.shutdown()
         self.server.server_close()
-        clients = self.hub.clients
         for client in clients:  # all at once: a stalled client's writer unblocks on shutdown
             client.close()
         for client in clients:

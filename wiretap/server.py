@@ -229,6 +229,7 @@ class ClientHub:
         self.start_ns = start_ns
         self._clients: Tuple[ClientConnection, ...] = ()
         self._lock = threading.Lock()
+        self.closed = False
         self.dropped_by_gone_clients = 0
         self.refused_by_gone_clients = 0
 
@@ -236,9 +237,21 @@ class ClientHub:
     def clients(self) -> Tuple[ClientConnection, ...]:
         return self._clients
 
-    def add(self, client: ClientConnection) -> None:
+    def add(self, client: ClientConnection) -> bool:
+        """Registers ``client``; False once :meth:`close` was called (the caller then ends the
+        connection itself)."""
         with self._lock:
+            if self.closed:
+                return False
             self._clients = self._clients + (client,)
+            return True
+
+    def close(self) -> Tuple[ClientConnection, ...]:
+        """Closes the door: no client is added from now on. Returns every client added before,
+        so that the caller can end them all; a handler that comes later ends its own."""
+        with self._lock:
+            self.closed = True
+            return self._clients
 
     def remove(self, client: ClientConnection) -> None:
         with self._lock:
@@ -386,13 +399,16 @@ class GvretHandler(socketserver.BaseRequestHandler):
         self.client = ClientConnection(
             sock, self.who, self.server.fixed_dialect, self.server.peer_log
         )
+        self.served = False
 
     def handle(self) -> None:
         client = self.client
+        self.served = self.server.hub.add(client)
+        if not self.served:
+            return  # the server is shutting down: this connection is closed unserved
         log.info("client %s: connected", self.who)
         parser = gvret.ClientParser()
         client.start_writer()
-        self.server.hub.add(client)
         sock = self.request
         while not client.outbox.closed:
             try:
@@ -413,6 +429,8 @@ class GvretHandler(socketserver.BaseRequestHandler):
     def finish(self) -> None:
         client = self.client
         self.server.release(self.request)
+        if not self.served:
+            return
         self.server.hub.remove(client)
         client.stop_writer()
         suppressed = self.server.peer_log.forget(self.who)
