@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import logging
 import re
+import select
 import socket
 import threading
+import time
 
 from gvret_client import GvretClient
 from harness import wait_until
 
-from wiretap.server import GvretHandler
+from wiretap import gvret
+from wiretap.server import ClientHub, GvretHandler, GvretServer
 
 SUPPRESSED = re.compile(r"\((\d+) more suppressed\)")
 HELD_AT_DISCONNECT = re.compile(r"disconnected \(.*, (\d+) log lines suppressed\)")
@@ -83,3 +89,101 @@ def test_a_connection_that_comes_in_during_shutdown_is_closed_too(
     assert late.recv(10) == b""  # closed by the server, unserved
     assert app.hub.clients == ()
     late.close()
+
+
+def test_client_sockets_find_a_dead_peer_within_30_s(harness, bus_factory):
+    app = harness.start("--iface", "can0", buses={"can0": bus_factory()})
+    client = GvretClient(app.port, hello=b"\xf1\x09")
+    client.wait_reply(0x09)
+    (conn,) = app.hub.clients
+    option = functools.partial(conn.sock.getsockopt, socket.IPPROTO_TCP)
+    assert conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    idle, interval, probes = (
+        option(socket.TCP_KEEPIDLE),
+        option(socket.TCP_KEEPINTVL),
+        option(socket.TCP_KEEPCNT),
+    )
+    # Silent peer: probes from `idle` s on, every `interval` s; Linux ends the connection at the
+    # first probe that finds TCP_USER_TIMEOUT passed without an answer, else after `probes`.
+    assert (idle, interval, probes) == (10, 5, 4)
+    assert idle + interval * probes <= 30
+    assert option(socket.TCP_USER_TIMEOUT) == 30_000
+    client.close()
+
+
+def test_silent_connections_do_not_lock_out_a_real_client(
+    harness, bus_factory, caplog, monkeypatch
+):
+    monkeypatch.setattr("wiretap.server.PEER_LOG_INTERVAL_S", 3600.0)
+    app = harness.start(
+        "--iface", "can0", "--handshake-timeout", "1", buses={"can0": bus_factory()}
+    )
+    with caplog.at_level(logging.INFO, logger="wiretap.server"):
+        silent = [socket.create_connection(("127.0.0.1", app.port)) for _ in range(16)]
+        wait_until(lambda: len(app.hub.clients) == 16, what="16 silent clients admitted")
+        refused = socket.create_connection(("127.0.0.1", app.port), timeout=10)
+        assert refused.recv(10) == b""  # max_clients=16 reached
+        refused.close()
+        for sock in silent:  # each is closed by the server once its second is up
+            sock.settimeout(30)
+            assert sock.recv(10) == b""
+            sock.close()
+        client = GvretClient(app.port, hello=b"\xe7\xe7\xf1\x09")
+        client.wait_reply(0x09)
+    lines = [r.getMessage() for r in caplog.records if "handshake_timeout" in r.getMessage()]
+    assert len(lines) == 1  # one line for the host, the other 15 counted
+    assert app.server.peer_log.suppressed_total == 15
+    # A client in binary mode stays past the timeout.
+    wait_until(lambda: time.monotonic() > client.replies[0].at + 1.5, what="the timeout to pass")
+    client.send(b"\xf1\x09")
+    client.wait_reply(0x09, 2)
+    assert len(app.hub.clients) == 1
+
+
+def test_the_accept_queue_holds_a_burst_of_connects():
+    # The server is not accepting: every connect of the burst must still complete, held in the
+    # kernel's accept queue (socketserver's default of 5 let 6 in; the rest waited for a SYN
+    # retransmit, one second or more).
+    server = GvretServer(
+        ("127.0.0.1", 0),
+        ClientHub(0),
+        bus_count=1,
+        bus_params=lambda bus: gvret.DISABLED_BUS,
+        transmit=lambda frame, origin: None,
+    )
+    burst = 200
+    clients = []
+    accepted = []
+    try:
+        for _ in range(burst):
+            sock = socket.socket()
+            sock.setblocking(False)
+            assert sock.connect_ex(server.server_address) in (0, errno.EINPROGRESS)
+            clients.append(sock)
+        poller = select.poll()
+        for sock in clients:
+            poller.register(sock, select.POLLOUT)
+        done = set()
+
+        def all_connected() -> bool:
+            for fd, _ in poller.poll(0):
+                poller.unregister(fd)
+                done.add(fd)
+            return len(done) == burst
+
+        wait_until(all_connected, what="every connect of the burst to complete")
+        assert [s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) for s in clients] == [0] * burst
+        server.socket.setblocking(False)
+
+        def accept_all() -> bool:
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    accepted.append(server.socket.accept()[0])
+            return len(accepted) >= burst
+
+        wait_until(accept_all, what="the burst in the accept queue")
+        assert len(accepted) == burst
+    finally:
+        for sock in clients + accepted:
+            sock.close()
+        server.server_close()

@@ -140,6 +140,7 @@ class App:
                 read_only=server.read_only,
                 allow=server.allow,
                 max_clients=server.max_clients,
+                handshake_timeout=server.handshake_timeout,
                 dialect=server.gvret_fd,
             )
         except OSError as exc:

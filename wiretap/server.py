@@ -40,6 +40,14 @@ STALL_TIMEOUT_S = 30.0
 SOCKET_POLL_S = 0.5
 BEACON_PORT = 17222
 BEACON_PAYLOAD = b"\x1c\xef\xac\xed"
+# A peer that vanished (Wi-Fi out of range, power cut) sends no FIN: keepalive probes from 10 s of
+# silence, then every 5 s, and TCP_USER_TIMEOUT ending the connection once 30 s pass with nothing
+# acknowledged (it also bounds probes, and data left unacknowledged while frames are sent).
+KEEPALIVE_IDLE_S = 10
+KEEPALIVE_INTERVAL_S = 5
+KEEPALIVE_PROBES = 4
+USER_TIMEOUT_MS = 30_000
+LISTEN_BACKLOG = 1024  # socketserver's 5 made every sixth quick connect wait a SYN retransmit
 PEER_LOG_INTERVAL_S = 10.0  # each kind of line a client can trigger: at most one per 10 s
 
 Transmit = Callable[[Frame, int], Optional[str]]
@@ -134,6 +142,7 @@ class ClientConnection:
         self.fd_skipped = 0
         self.frames_sent = 0
         self.tx_refused = 0
+        self.lost: Optional[str] = None  # why the connection broke, when it did
         self._fd_skip_logged = False
         self._writer = threading.Thread(target=self._write_loop, name=f"writer-{who}", daemon=True)
 
@@ -193,7 +202,8 @@ class ClientConnection:
                 if not self._send_all(data):
                     return
         except OSError as exc:
-            log.debug("client %s: write failed: %s", self.who, exc)
+            if not outbox.closed:  # not the server's own shutdown of the socket
+                self.lost = exc.strerror or str(exc)
         finally:
             # Wake the handler thread (blocked in recv) so the connection ends as one.
             with contextlib.suppress(OSError):
@@ -296,6 +306,7 @@ class GvretServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
     block_on_close = False
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(
         self,
@@ -308,6 +319,7 @@ class GvretServer(socketserver.ThreadingTCPServer):
         read_only: bool = False,
         allow: Iterable[str] = (),
         max_clients: int = 16,
+        handshake_timeout: float = 5.0,
         dialect: str = "auto",
     ) -> None:
         self.hub = hub
@@ -316,6 +328,7 @@ class GvretServer(socketserver.ThreadingTCPServer):
         self.read_only = read_only
         self.allow = _parse_networks(allow)
         self.max_clients = max_clients
+        self.handshake_timeout = handshake_timeout
         self.fixed_dialect = None if dialect == "auto" else gvret.Dialect(dialect)
         self.peer_log = RateLimitedLog(log, PEER_LOG_INTERVAL_S)
         self._active = 0
@@ -392,6 +405,10 @@ class GvretHandler(socketserver.BaseRequestHandler):
         sock = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         sock.settimeout(SOCKET_POLL_S)
         self.who = _address(self.client_address)
@@ -410,12 +427,30 @@ class GvretHandler(socketserver.BaseRequestHandler):
         parser = gvret.ClientParser()
         client.start_writer()
         sock = self.request
+        timeout = self.server.handshake_timeout
+        handshake_deadline = time.monotonic() + timeout if timeout else None
         while not client.outbox.closed:
+            if (
+                handshake_deadline is not None
+                and not client.streaming
+                and time.monotonic() >= handshake_deadline
+            ):
+                # Keyed by host: a scanner or a crowd of silent sockets costs one line per 10 s.
+                self.server.peer_log.log(
+                    (self.client_address[0], "no binary mode"),
+                    logging.WARNING,
+                    "client %s: closed, not in binary mode %g s after connecting "
+                    "(handshake_timeout)",
+                    self.who,
+                    timeout,
+                )
+                break
             try:
                 data = sock.recv(4096)
             except socket.timeout:
                 continue
-            except OSError:
+            except OSError as exc:
+                client.lost = exc.strerror or str(exc)
                 break
             if not data:
                 break
@@ -435,11 +470,12 @@ class GvretHandler(socketserver.BaseRequestHandler):
         client.stop_writer()
         suppressed = self.server.peer_log.forget(self.who)
         log.info(
-            "client %s: disconnected (%d frames sent, %d dropped%s)",
+            "client %s: disconnected (%d frames sent, %d dropped%s%s)",
             self.who,
             client.frames_sent,
             client.outbox.drops.total,
             f", {suppressed} log lines suppressed" if suppressed else "",
+            f", connection lost: {client.lost}" if client.lost else "",
         )
 
     def _handle_events(self, events: List[gvret.Event]) -> bool:
