@@ -5,13 +5,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import json
 import logging
 import re
 import select
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
+import pytest
 from gvret_client import GvretClient
 from harness import wait_until
 
@@ -187,3 +193,28 @@ def test_the_accept_queue_holds_a_burst_of_connects():
         for sock in clients + accepted:
             sock.close()
         server.server_close()
+
+
+def _private_network_namespace() -> bool:
+    if not (shutil.which("unshare") and shutil.which("ip")):
+        return False
+    return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(
+    not _private_network_namespace(), reason="needs unshare -n (root) to black-hole a peer"
+)
+def test_a_peer_that_vanishes_is_dropped_and_its_place_freed():
+    # In a private network namespace a client in binary mode stops answering (its address is
+    # black-holed, no FIN, no RST) while no frame is sent: only keepalive can find it. The
+    # kernel timers are shortened to seconds there; the shipped ones are checked above.
+    result = subprocess.run(
+        ["unshare", "-n", sys.executable, str(Path(__file__).with_name("dead_peer.py")),
+         "--kernel-timers"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])
+    (gone,) = [line for line in report["lines"] if "disconnected" in line]
+    assert gone.endswith("connection lost: Connection timed out)")
+    assert report["active"] == 0

@@ -216,7 +216,9 @@ class ClientConnection:
         while view:
             try:
                 sent = self.sock.send(view)
-            except socket.timeout:
+            except socket.timeout as exc:
+                if not _poll_timeout(exc):
+                    raise
                 if self.outbox.closed:
                     return False
                 if time.monotonic() - last_progress > STALL_TIMEOUT_S:
@@ -390,6 +392,13 @@ class GvretServer(socketserver.ThreadingTCPServer):
         super().shutdown_request(request)
 
 
+def _poll_timeout(exc: OSError) -> bool:
+    """True for the socket's own timeout (nothing to read or write yet), False for a connection
+    the kernel timed out (ETIMEDOUT: keepalive or TCP_USER_TIMEOUT). Python 3.10 made both the
+    same class, ``TimeoutError``; only the errno tells them apart."""
+    return isinstance(exc, socket.timeout) and exc.errno is None
+
+
 def _address(client_address: Tuple) -> str:
     host, port = client_address[0], client_address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -447,9 +456,9 @@ class GvretHandler(socketserver.BaseRequestHandler):
                 break
             try:
                 data = sock.recv(4096)
-            except socket.timeout:
-                continue
             except OSError as exc:
+                if _poll_timeout(exc):
+                    continue
                 client.lost = exc.strerror or str(exc)
                 break
             if not data:
