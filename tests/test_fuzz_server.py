@@ -74,7 +74,7 @@ EVERY_COMMAND_FROM_IDLE = b"".join(
 
 def test_fuzzing_the_whole_server(harness, bus_factory, caplog, monkeypatch):
     # One line per kind for the whole run, so that the bound below does not depend on speed.
-    monkeypatch.setattr("wiretap.server.PEER_LOG_INTERVAL_S", 3600.0)
+    monkeypatch.setattr("wiretap.server.REFUSAL_LOG_INTERVAL_S", 3600.0)
     can0 = bus_factory()
     caplog.set_level(logging.INFO, logger="wiretap")
     app = harness.start("--iface", "can0", "--can-fd", buses={"can0": can0})

@@ -36,7 +36,7 @@ def test_a_command_flood_costs_one_line_and_the_count_of_the_rest(
     harness, bus_factory, caplog, monkeypatch
 ):
     # An interval no test run reaches: exactly one line per kind, the rest counted.
-    monkeypatch.setattr("wiretap.server.PEER_LOG_INTERVAL_S", 3600.0)
+    monkeypatch.setattr("wiretap.server.REFUSAL_LOG_INTERVAL_S", 3600.0)
     app = harness.start("--iface", "can0", buses={"can0": bus_factory()})
     flood = 20_000
     with caplog.at_level(logging.INFO, logger="wiretap.server"):
@@ -69,7 +69,7 @@ def test_connecting_in_a_loop_past_max_clients_costs_one_line(harness, bus_facto
                 assert extra.recv(10) == b""
     refused = [r.getMessage() for r in caplog.records if "max_clients=1" in r.getMessage()]
     assert len(refused) == 1
-    assert app.server.peer_log.suppressed_total == 49
+    assert app.server.logs.suppressed_total == 49
 
 
 def test_a_connection_that_comes_in_during_shutdown_is_closed_too(
@@ -120,7 +120,7 @@ def test_client_sockets_find_a_dead_peer_within_30_s(harness, bus_factory):
 def test_silent_connections_do_not_lock_out_a_real_client(
     harness, bus_factory, caplog, monkeypatch
 ):
-    monkeypatch.setattr("wiretap.server.PEER_LOG_INTERVAL_S", 3600.0)
+    monkeypatch.setattr("wiretap.server.REFUSAL_LOG_INTERVAL_S", 3600.0)
     app = harness.start(
         "--iface", "can0", "--handshake-timeout", "1", buses={"can0": bus_factory()}
     )
@@ -135,7 +135,7 @@ def test_silent_connections_do_not_lock_out_a_real_client(
         client.wait_reply(0x09)
     lines = [r.getMessage() for r in caplog.records if "handshake_timeout" in r.getMessage()]
     assert len(lines) == 1  # one line for the host, the other 15 counted
-    assert app.server.peer_log.suppressed_total == 15
+    assert app.server.logs.suppressed_total == 15
     # A client in binary mode stays past the timeout.
     wait_until(lambda: time.monotonic() > client.replies[0].at + 1.5, what="the timeout to pass")
     client.send(b"\xf1\x09")

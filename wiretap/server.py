@@ -23,7 +23,7 @@ import socket
 import socketserver
 import threading
 import time
-from typing import Callable, Deque, Hashable, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Deque, Iterable, List, Optional, Sequence, Set, Tuple
 
 from . import gvret
 from .broker import DropReporter
@@ -48,7 +48,7 @@ KEEPALIVE_INTERVAL_S = 5
 KEEPALIVE_PROBES = 4
 USER_TIMEOUT_MS = 30_000
 LISTEN_BACKLOG = 1024  # socketserver's 5 made every sixth quick connect wait a SYN retransmit
-PEER_LOG_INTERVAL_S = 10.0  # each kind of line a client can trigger: at most one per 10 s
+REFUSAL_LOG_INTERVAL_S = 10.0  # each kind of line a client can trigger: at most one per 10 s
 
 Transmit = Callable[[Frame, int], Optional[str]]
 """Sends a frame for client ``origin``; returns None when sent, else why it was not."""
@@ -129,11 +129,12 @@ class ClientConnection:
         sock: socket.socket,
         who: str,
         dialect: Optional[gvret.Dialect],
-        peer_log: RateLimitedLog,
+        *,
+        logs: RateLimitedLog,
     ) -> None:
         self.sock = sock
         self.who = who
-        self.peer_log = peer_log
+        self.logs = logs
         self.token = next(self._tokens)
         self.fixed_dialect = dialect
         self.dialect = dialect or gvret.Dialect.WIRETAP
@@ -173,19 +174,16 @@ class ClientConnection:
         if data and self.outbox.put_frames(data, count):
             self.frames_sent += count
 
-    def complain(self, kind: Hashable, level: int, msg: str, *args: object) -> None:
-        """Logs a line this client's input caused: at most one per ``kind`` per 10 s, and the
-        count of those held back on the next one (or on the ``disconnected`` line)."""
-        self.peer_log.log((self.who, kind), level, "client %s: " + msg, self.who, *args)
-
-    def refuse_transmit(self, reason: str) -> None:
-        """A refused transmit: counted always, logged through :meth:`complain`."""
+    def refuse(self, key: str, message: str, *args: object) -> None:
+        """A refused transmit: counted always, logged at most once per 10 s per kind (the count
+        of those held back on the next line, or on the ``disconnected`` line)."""
         self.tx_refused += 1
-        self.complain(
-            "transmit refused",
+        self.logs.log(
+            (self.who, key),
             logging.WARNING,
-            "transmit refused: %s (%d refused so far)",
-            reason,
+            "client %s: transmit refused: " + message + " (%d refused so far)",
+            self.who,
+            *args,
             self.tx_refused,
         )
 
@@ -332,7 +330,7 @@ class GvretServer(socketserver.ThreadingTCPServer):
         self.max_clients = max_clients
         self.handshake_timeout = handshake_timeout
         self.fixed_dialect = None if dialect == "auto" else gvret.Dialect(dialect)
-        self.peer_log = RateLimitedLog(log, PEER_LOG_INTERVAL_S)
+        self.logs = RateLimitedLog(log, REFUSAL_LOG_INTERVAL_S)
         self._active = 0
         self._active_lock = threading.Lock()
         self._admitted: Set[socket.socket] = set()
@@ -352,7 +350,7 @@ class GvretServer(socketserver.ThreadingTCPServer):
             if peer.version == 6 and peer.ipv4_mapped:
                 peer = peer.ipv4_mapped
             if not any(peer in network for network in self.allow):
-                self.peer_log.log(
+                self.logs.log(
                     (host, "not allowed"),
                     logging.WARNING,
                     "client %s: refused, not in the allow list",
@@ -361,7 +359,7 @@ class GvretServer(socketserver.ThreadingTCPServer):
                 return False
         with self._active_lock:
             if self._active >= self.max_clients:
-                self.peer_log.log(
+                self.logs.log(
                     (host, "max_clients"),
                     logging.WARNING,
                     "client %s: refused, already serving max_clients=%d",
@@ -423,7 +421,7 @@ class GvretHandler(socketserver.BaseRequestHandler):
         self.who = _address(self.client_address)
         threading.current_thread().name = f"client-{self.who}"
         self.client = ClientConnection(
-            sock, self.who, self.server.fixed_dialect, self.server.peer_log
+            sock, self.who, self.server.fixed_dialect, logs=self.server.logs
         )
         self.served = False
 
@@ -445,7 +443,7 @@ class GvretHandler(socketserver.BaseRequestHandler):
                 and time.monotonic() >= handshake_deadline
             ):
                 # Keyed by host: a scanner or a crowd of silent sockets costs one line per 10 s.
-                self.server.peer_log.log(
+                self.server.logs.log(
                     (self.client_address[0], "no binary mode"),
                     logging.WARNING,
                     "client %s: closed, not in binary mode %g s after connecting "
@@ -477,7 +475,7 @@ class GvretHandler(socketserver.BaseRequestHandler):
             return
         self.server.hub.remove(client)
         client.stop_writer()
-        suppressed = self.server.peer_log.forget(self.who)
+        suppressed = self.server.logs.forget(self.who)
         log.info(
             "client %s: disconnected (%d frames sent, %d dropped%s%s)",
             self.who,
@@ -507,16 +505,17 @@ class GvretHandler(socketserver.BaseRequestHandler):
                 if reply is not None and not client.outbox.put_reply(reply):
                     return False
             elif isinstance(event, gvret.Setting):
-                client.complain(
-                    ("ignoring command", event.cmd),
+                self.server.logs.log(
+                    (self.who, f"setting-{event.cmd:02X}"),
                     logging.INFO,
-                    "ignoring command %02X %s (the server does not reconfigure interfaces for "
-                    "network clients)",
+                    "client %s: ignoring command %02X %s (the server does not reconfigure "
+                    "interfaces for network clients)",
+                    self.who,
                     event.cmd,
                     event.payload.hex(" "),
                 )
             elif isinstance(event, gvret.BadTransmit):
-                client.refuse_transmit(event.reason)
+                client.refuse("bad-transmit", "%s", event.reason)
             elif isinstance(event, gvret.Transmit):
                 self._transmit(event)
         # Streaming starts after the whole read is handled, so a client's first burst (SavvyCAN
@@ -534,14 +533,14 @@ class GvretHandler(socketserver.BaseRequestHandler):
             client.add_frames(*gvret.encode_frames([frame], client.dialect, server.hub.start_ns))
             return
         if server.read_only:
-            client.refuse_transmit("the server is read-only")
+            client.refuse("read-only", "the server is read-only")
             return
         if event.bus >= server.device.bus_count or not server.device.bus_params(event.bus).enabled:
-            client.refuse_transmit(f"no bus {event.bus} on this server")
+            client.refuse("bad-transmit", "no bus %d on this server", event.bus)
             return
         reason = server.transmit(gvret.transmit_frame(event), client.token)
         if reason is not None:
-            client.refuse_transmit(f"bus {event.bus}: {reason}")
+            client.refuse("bad-transmit", "bus %d: %s", event.bus, reason)
 
 
 class Beacon:
