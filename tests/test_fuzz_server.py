@@ -36,10 +36,13 @@ EXAMPLE_COMMANDS = [
         "F1 09",
     )
 ]
-# What one connection can make the server log, at most, however many bytes it sends: connected,
-# binary mode, disconnected, one line per ignored command (5), transmit refused, does not read its
-# replies, not keeping up, FD frames not sent, not in binary mode in time.
-LINES_PER_CONNECTION = 13
+# What one connection can make the server log, at most, however many bytes it sends (each kind
+# once, the interval being longer than the run): connected, binary mode, dialect chosen, flow
+# control on, flow control off, frames dropped by flow control, disconnected; ignored commands 04,
+# 08, 0A; transmit refused as bad, as read-only, and for each of 3 buses switched off or
+# listen-only; each of 3 buses switched, its bit rate asked for; not in binary mode in time, does
+# not read its replies, FD frames not sent, not keeping up.
+LINES_PER_CONNECTION = 25
 
 piece = st.one_of(
     st.binary(max_size=48),
