@@ -155,7 +155,8 @@ def test_every_flag_sets_its_key(tmp_path: Path) -> None:
         "--iface", "vcan0", "--bus-offset", "3", "--host", "127.0.0.1", "--port", "23",
         "--echo", "--color", "--default-dir", "tx", "--can-fd", "--read-only",
         "--allow", "10.0.0.1", "--allow", "::1,fd00::/8", "--max-clients", "2",
-        "--gvret-fd", "esp32ret", "--beacon", "--beacon-address", "192.168.1.255",
+        "--handshake-timeout", "0", "--gvret-fd", "esp32ret", "--beacon",
+        "--beacon-address", "192.168.1.255",
         "--replay-speed", "2.5", "--replay-loop", "--pg-enable", "--pg-dsn", "dbname=x",
         "--pg-mode", "copy", "--pg-func", "ingest", "--pg-batch-size", "5",
         "--pg-flush-interval", "1.5", "--pg-queue-size", "50", "--pg-dir", "tx",
@@ -165,8 +166,9 @@ def test_every_flag_sets_its_key(tmp_path: Path) -> None:
     assert config.server == ServerConfig(
         iface=("vcan0",), bus_offset=3, host="127.0.0.1", port=23, can_fd=True,
         echo_console=True, colour=True, default_dir="tx", read_only=True,
-        allow=("10.0.0.1", "::1", "fd00::/8"), max_clients=2, gvret_fd="esp32ret", beacon=True,
-        beacon_address="192.168.1.255", replay_speed=2.5, replay_loop=True,
+        allow=("10.0.0.1", "::1", "fd00::/8"), max_clients=2, handshake_timeout=0.0,
+        gvret_fd="esp32ret", beacon=True, beacon_address="192.168.1.255", replay_speed=2.5,
+        replay_loop=True,
     )  # fmt: skip
     assert config.postgres == PostgresConfig(
         enable=True, dsn="dbname=x", mode="copy", func="ingest", batch_size=5,

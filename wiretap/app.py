@@ -140,6 +140,7 @@ class App:
                 read_only=server.read_only,
                 allow=server.allow,
                 max_clients=server.max_clients,
+                handshake_timeout=server.handshake_timeout,
                 dialect=server.gvret_fd,
                 flow_control=server.gvret_flow_control,
                 set_bitrate=self.set_bitrate if server.reconfigure_interfaces else None,
@@ -244,10 +245,12 @@ class App:
         for source in self.sources:
             source.join(budget(2.0))
         self.broker.stop(budget(2.0))
+        # Close the door before closing the clients: a handler that registers from now on ends
+        # its own connection, so none is left open by having come in during the shutdown.
+        clients = self.hub.close()
         if self._server_thread.is_alive():
             self.server.shutdown()
         self.server.server_close()
-        clients = self.hub.clients
         for client in clients:  # all at once: a stalled client's writer unblocks on shutdown
             client.close()
         for client in clients:

@@ -50,6 +50,7 @@ class ServerConfig:
     read_only: bool = False
     allow: Tuple[str, ...] = ()
     max_clients: int = 16
+    handshake_timeout: float = 5.0
     gvret_fd: str = "auto"
     gvret_flow_control: str = "auto"
     reconfigure_interfaces: bool = False
@@ -275,6 +276,7 @@ _SECTIONS: Dict[str, Tuple[type, Dict[str, Convert]]] = {
             "read_only": _boolean,
             "allow": _networks,
             "max_clients": _integer(1),
+            "handshake_timeout": _number(0, low_allowed=True),
             "gvret_fd": _choice("auto", "wiretap", "esp32ret", "classic"),
             "gvret_flow_control": _choice("auto", "off"),
             "reconfigure_interfaces": _boolean,
@@ -341,6 +343,8 @@ _FLAGS: Tuple[_Flag, ...] = (
     _Flag(("--allow",), "server.allow", "ADDR[,ADDR]",
           "Accept clients only from these addresses / CIDR networks; may repeat"),
     _Flag(("--max-clients",), "server.max_clients", "N", "Most GVRET clients at once"),
+    _Flag(("--handshake-timeout",), "server.handshake_timeout", "SEC",
+          "Close a connection not in binary mode this long after connecting (0: never)"),
     _Flag(("--gvret-fd",), "server.gvret_fd", "DIALECT",
           "CAN FD dialect for GVRET clients: auto, wiretap, esp32ret or classic"),
     _Flag(("--gvret-flow-control",), "server.gvret_flow_control", "MODE",
