@@ -244,8 +244,8 @@ class App:
 
 
 def run(config: Config, sources: Optional[List[Source]] = None) -> int:
-    """Run until SIGINT, SIGTERM or SIGHUP; the process exit code. ``sources`` as :func:`build_sources`
-    made them, if the caller already did."""
+    """Run until SIGINT, SIGTERM or SIGHUP; the process exit code. ``sources`` as
+    :func:`build_sources` made them, if the caller already did."""
     try:
         app = App(config, sources=sources)
     except StartupError as exc:
