@@ -37,4 +37,3 @@ def test_install_waits_for_another_apt_and_says_so():
     rest = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, first + rest
     assert "install: the package manager is free, going on" in rest
-
