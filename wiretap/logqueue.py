@@ -62,7 +62,8 @@ class LogQueue:
     """Routes ``logger``'s records through a queue of ``capacity`` to ``target``.
 
     ``start()`` attaches it; ``stop()`` drains it and from then on passes records straight to
-    ``target`` (it returns False, and detaches, when ``target`` stalled with records left).
+    ``target`` (it returns False when ``target`` stalled with records left; records are then still
+    queued or dropped, never written by the thread that logs them).
     ``dropped`` counts records that did not fit.
     """
 
@@ -107,8 +108,7 @@ class LogQueue:
             if self.written != last_written:
                 last_written, last_progress = self.written, now
             if now - last_progress > STALL_S or now > deadline:
-                self.logger.removeHandler(self.handler)
-                return False
+                return False  # still attached: a late record is queued or dropped, never waits
         # Records logged from here on (a client's handler finishing late) are written at once;
         # the handler's lock makes the switch atomic with respect to a record being logged.
         with self.handler.lock:
