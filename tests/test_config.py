@@ -260,6 +260,11 @@ INVALID_VALUES = [
     ("iface_replay_no_path", '[server]\niface = "replay:"', 'server.iface = "replay:"',
      "needs a file path"),
     ("host_empty", '[server]\nhost = ""', 'server.host = ""', "must not be empty"),
+    ("host_octet", '[server]\nhost = "1.2.3.999"', 'server.host = "1.2.3.999"',
+     "not a valid IPv4 or IPv6 address"),
+    ("host_ipv6", '[server]\nhost = "fe80::1::2"', 'server.host = "fe80::1::2"',
+     "not a valid IPv4 or IPv6 address"),
+    ("host_name", '[server]\nhost = "my pi"', 'server.host = "my pi"', "or a host name"),
     ("beacon_address", '[server]\nbeacon_address = "everyone"',
      'server.beacon_address = "everyone"', "IP address"),
     ("dsn_type", "[postgres]\ndsn = 5", "postgres.dsn = 5", "expected a string"),
@@ -288,6 +293,7 @@ INVALID_FLAGS = [
     (["--pg-dir", "both"], "postgres.dir = both (from --pg-dir): expected one of rx, tx"),
     (["--iface", ""], 'server.iface = "" (from --iface): needs at least one interface'),
     (["--stats-interval", "inf"], "logging.stats_interval = inf (from --stats-interval)"),
+    (["--host", "1.2.3.999"], "server.host = 1.2.3.999 (from --host): is not a valid IPv4"),
 ]
 
 
@@ -434,3 +440,8 @@ def test_a_replay_log_that_cannot_be_read_is_a_configuration_error(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_config(["--iface", f"can0,replay:{missing}"], {})
     assert any(str(missing) in error and "server.iface" in error for error in caught.value.errors)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "127.0.0.1", "::", "::1", "localhost", "pi-4.local"])
+def test_listen_host_accepts_addresses_and_host_names(tmp_path: Path, host: str) -> None:
+    assert load(tmp_path, None, ["--host", host]).server.host == host

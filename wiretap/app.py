@@ -263,8 +263,8 @@ class App:
 
 
 def run(config: Config, sources: Optional[List[Source]] = None) -> int:
-    """Run until SIGINT / SIGTERM; the process exit code. ``sources`` as :func:`build_sources`
-    made them, if the caller already did."""
+    """Run until SIGINT, SIGTERM or SIGHUP; the process exit code. ``sources`` as
+    :func:`build_sources` made them, if the caller already did."""
     try:
         app = App(config, sources=sources)
     except StartupError as exc:
@@ -279,8 +279,10 @@ def run(config: Config, sources: Optional[List[Source]] = None) -> int:
         log.info("%s: shutting down", signal.Signals(signum).name)
         stop.set()
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    # SIGHUP too: it is what closing the terminal or SSH session of scripts/run.sh sends, and
+    # its default action would end the process without flushing a single queued frame.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     try:
         app.start()
     except (OSError, sqlite3.Error) as exc:
