@@ -34,10 +34,19 @@ SETTLED_S = 1.0  # frames older than this at the cut must have survived it
 
 
 def mount(device: str) -> None:
+    """Mount the spool disk (its drivers are modules of the stock kernel)."""
     MOUNT.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["modprobe", "ext4"], check=False)
-    if not os.path.exists(device):  # virtio-scsi names it /dev/sda, unless udev renamed it
-        device = (sorted(glob.glob("/dev/disk/by-id/scsi-0virtme_disk_*")) or [device])[0]
+    for module in ("virtio_scsi", "sd_mod", "ext4"):
+        subprocess.run(["modprobe", module], check=False)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(device):
+        found = sorted(glob.glob("/dev/disk/by-id/scsi-0virtme_disk_*") + glob.glob("/dev/sd?"))
+        if found:
+            device = found[0]
+            break
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no disk appeared; /dev has {sorted(os.listdir('/dev'))}")
+        time.sleep(0.1)
     subprocess.run(["mount", "-t", "ext4", device, str(MOUNT)], check=True)
 
 
