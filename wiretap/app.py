@@ -141,6 +141,8 @@ class App:
                 allow=server.allow,
                 max_clients=server.max_clients,
                 dialect=server.gvret_fd,
+                flow_control=server.gvret_flow_control,
+                set_bitrate=self.set_bitrate if server.reconfigure_interfaces else None,
             )
         except OSError as exc:
             where = f"{server.host}:{server.port}"
@@ -161,6 +163,14 @@ class App:
             return gvret.DISABLED_BUS
         info = source.bus_info(bus)
         return gvret.BusParams(info.enabled, info.listen_only, info.bitrate)
+
+    def set_bitrate(self, bus: int, bitrate: int) -> str:
+        """A client's bus-speed request, when the operator allows it (``reconfigure_interfaces``);
+        raises RuntimeError when it cannot be applied."""
+        source = self.bus_to_source.get(bus)
+        if not isinstance(source, SocketCanSource):
+            raise RuntimeError(f"bus {bus} is not a CAN interface")
+        return source.set_bitrate(bitrate)
 
     def transmit(self, frame: Frame, origin: int) -> Optional[str]:
         source = self.bus_to_source.get(frame.bus)

@@ -51,6 +51,8 @@ class ServerConfig:
     allow: Tuple[str, ...] = ()
     max_clients: int = 16
     gvret_fd: str = "auto"
+    gvret_flow_control: str = "auto"
+    reconfigure_interfaces: bool = False
     beacon: bool = False
     beacon_address: str = "255.255.255.255"
     replay_speed: float = 1.0
@@ -274,6 +276,8 @@ _SECTIONS: Dict[str, Tuple[type, Dict[str, Convert]]] = {
             "allow": _networks,
             "max_clients": _integer(1),
             "gvret_fd": _choice("auto", "wiretap", "esp32ret", "classic"),
+            "gvret_flow_control": _choice("auto", "off"),
+            "reconfigure_interfaces": _boolean,
             "beacon": _boolean,
             "beacon_address": _ip_address,
             "replay_speed": _number(0, low_allowed=False),
@@ -339,6 +343,10 @@ _FLAGS: Tuple[_Flag, ...] = (
     _Flag(("--max-clients",), "server.max_clients", "N", "Most GVRET clients at once"),
     _Flag(("--gvret-fd",), "server.gvret_fd", "DIALECT",
           "CAN FD dialect for GVRET clients: auto, wiretap, esp32ret or classic"),
+    _Flag(("--gvret-flow-control",), "server.gvret_flow_control", "MODE",
+          "Bound what waits for clients that send keepalives like SavvyCAN: auto or off"),
+    _Flag(("--reconfigure-interfaces",), "server.reconfigure_interfaces", None,
+          "Let GVRET clients change an interface's bit rate (ip link; needs CAP_NET_ADMIN)"),
     _Flag(("--beacon",), "server.beacon", None, "Send a UDP discovery beacon to port 17222"),
     _Flag(("--beacon-address",), "server.beacon_address", "ADDR",
           "Destination address of the discovery beacon"),
