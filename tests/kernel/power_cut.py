@@ -33,21 +33,34 @@ STREAM_S = 4.0
 SETTLED_S = 1.0  # frames older than this at the cut must have survived it
 
 
+def has_ext4(device: str) -> bool:
+    try:
+        with open(device, "rb") as disk:
+            disk.seek(1024 + 56)  # the superblock's s_magic
+            return disk.read(2) == b"\x53\xef"
+    except OSError:
+        return False
+
+
 def mount(device: str) -> None:
-    """Mount the spool disk (its drivers are modules of the stock kernel)."""
+    """Mount the spool disk: the one with an ext4 file system (virtio-scsi or virtio-blk, as
+    the kernel names it; its drivers may be modules)."""
     MOUNT.mkdir(parents=True, exist_ok=True)
-    for module in ("virtio_scsi", "sd_mod", "ext4"):
+    for module in ("virtio_scsi", "sd_mod", "virtio_blk", "ext4"):
         subprocess.run(["modprobe", module], check=False)
     deadline = time.monotonic() + 30
-    while not os.path.exists(device):
-        found = sorted(glob.glob("/dev/disk/by-id/scsi-0virtme_disk_*") + glob.glob("/dev/sd?"))
+    while True:
+        found = [
+            path
+            for path in [device, *sorted(glob.glob("/dev/sd?") + glob.glob("/dev/vd?"))]
+            if has_ext4(path)
+        ]
         if found:
-            device = found[0]
             break
         if time.monotonic() > deadline:
-            raise SystemExit(f"no disk appeared; /dev has {sorted(os.listdir('/dev'))}")
+            raise SystemExit(f"no ext4 disk appeared; /dev has {sorted(os.listdir('/dev'))}")
         time.sleep(0.1)
-    subprocess.run(["mount", "-t", "ext4", device, str(MOUNT)], check=True)
+    subprocess.run(["mount", "-t", "ext4", found[0], str(MOUNT)], check=True)
 
 
 def stream(work: Path, device: str) -> None:
