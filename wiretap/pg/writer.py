@@ -436,7 +436,11 @@ class PgWriter:
             first, frames = ledger.take_for_spool(min(SPOOL_CHUNK_ROWS, left))
             if not frames:
                 break
-            stored = self._spool_frames(first, frames, by_writer=False)
+            try:
+                stored = self._spool_frames(first, frames, by_writer=False)
+            except BaseException:
+                ledger.give_back(first, frames, by_writer=False)  # still queued, not lost
+                raise
             left -= len(frames)
             if stored < len(frames):
                 break
