@@ -7,3 +7,6 @@ scripts/install.sh --dev
 
 # --- vcan tier (tests/kernel, issue 4): real SocketCAN in a VM, or here if the kernel has vcan ---
 tests/kernel/run-in-vm.sh
+
+# --- power-cut drill: the database spool across an immediate reboot, in a VM ---
+tests/kernel/power-cut.sh
