@@ -46,55 +46,102 @@ Transmit = Callable[[Frame, int], Optional[str]]
 
 
 class Outbox:
-    """One client's outgoing bytes: replies first, then bounded frame data."""
+    """One client's outgoing bytes: replies first, then bounded frame data.
 
-    def __init__(self, who: str, capacity: int = OUTBOX_FRAME_BYTES) -> None:
+    One party writes to the socket at a time: the writer thread, or (``send_now``) the thread
+    that puts bytes into an outbox that is empty and idle, which writes them at once without
+    waking the writer. A write that does not go through whole leaves the rest at the head, sent
+    before anything else (it may end halfway through a message).
+    """
+
+    def __init__(
+        self,
+        who: str,
+        capacity: int = OUTBOX_FRAME_BYTES,
+        send_now: Optional[Callable[[bytes], int]] = None,
+    ) -> None:
         self.capacity = capacity
         self.drops = DropReporter(f"client {who}")
+        self._send_now = send_now
+        self._head = b""
         self._replies: Deque[bytes] = collections.deque()
         self._frames: Deque[bytes] = collections.deque()
         self._frame_bytes = 0
         self._reply_bytes = 0
+        self._writing = False
+        self._writing_now = False  # a send_now write is in progress
         self._ready = threading.Condition(threading.Lock())
         self.closed = False
+
+    def _idle(self) -> bool:
+        return not (self._writing or self._head or self._replies or self._frames or self.closed)
 
     def put_reply(self, data: bytes) -> bool:
         """Queue a reply; False when the client has left ``REPLY_BYTES`` of replies unread."""
         with self._ready:
-            if self._reply_bytes + len(data) > REPLY_BYTES:
+            if self._send_now is not None and self._idle():
+                self._writing = self._writing_now = True
+            elif self._reply_bytes + len(data) > REPLY_BYTES:
                 return False
-            self._replies.append(data)
-            self._reply_bytes += len(data)
-            self._ready.notify()
-            return True
+            else:
+                self._replies.append(data)
+                self._reply_bytes += len(data)
+                self._ready.notify()
+                return True
+        self._write_now(data)
+        return True
 
     def put_frames(self, data: bytes, count: int) -> bool:
         """Queue encoded frames; False (and counted as dropped) when the client is too far
         behind."""
+        direct = False
         with self._ready:
             if self._frame_bytes + len(data) > self.capacity:
                 accepted = False
             else:
-                self._frames.append(data)
-                self._frame_bytes += len(data)
-                self._ready.notify()
                 accepted = True
-        if not accepted:
+                if self._send_now is not None and self._idle():
+                    self._writing = self._writing_now = direct = True
+                else:
+                    self._frames.append(data)
+                    self._frame_bytes += len(data)
+                    self._ready.notify()
+        if direct:
+            self._write_now(data)
+        elif not accepted:
             self.drops.add(count)
         return accepted
 
-    def take(self, timeout: float) -> Optional[bytes]:
-        """The next bytes to write: all waiting replies, else up to a chunk of frame data."""
+    def _write_now(self, data: bytes) -> None:
+        assert self._send_now is not None
+        try:
+            sent = self._send_now(data)
+        except OSError:
+            sent = 0  # a full socket, or a broken one: the writer thread sees which
         with self._ready:
-            if not (self._replies or self._frames or self.closed):
-                self._ready.wait(timeout)
+            self._writing = self._writing_now = False
+            if sent < len(data):
+                self._head = data[sent:]
+            if not self._idle():
+                self._ready.notify_all()
+
+    def take(self, timeout: Optional[float] = None) -> Optional[bytes]:
+        """The next bytes to write: an unfinished write, else all waiting replies, else up to a
+        chunk of frame data. None once closed, or after ``timeout`` s with nothing to write.
+        The caller owns the socket until it calls :meth:`written`."""
+        with self._ready:
+            while self._writing or not (self._head or self._replies or self._frames):
+                if self.closed or not self._ready.wait(timeout):
+                    return None
+            self._writing = True
+            if self._head:
+                data, self._head = self._head, b""
+                return data
             if self._replies:
                 data = b"".join(self._replies)
                 self._replies.clear()
                 self._reply_bytes = 0
                 return data
-            if not self._frames:
-                return None
             parts: List[bytes] = []
             size = 0
             while self._frames and size < WRITE_CHUNK:
@@ -104,10 +151,25 @@ class Outbox:
             self._frame_bytes -= size
             return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def written(self) -> None:
+        """The bytes :meth:`take` returned are written."""
+        with self._ready:
+            self._writing = False
+
     def close(self) -> None:
         with self._ready:
             self.closed = True
             self._ready.notify_all()
+
+    def close_then(self, release: Callable[[], None]) -> None:
+        """Close, wait for a ``send_now`` write in progress (it never blocks), then call
+        ``release`` (which closes what ``send_now`` writes to) while no new one can start."""
+        with self._ready:
+            self.closed = True
+            self._ready.notify_all()
+            while self._writing_now:
+                self._ready.wait()
+            release()
 
 
 class ClientConnection:
@@ -122,7 +184,11 @@ class ClientConnection:
         self.fixed_dialect = dialect
         self.dialect = dialect or gvret.Dialect.WIRETAP
         self.streaming = False
-        self.outbox = Outbox(who)
+        # A non-blocking twin of the socket: whoever fills an idle outbox writes through it at
+        # once (the socket itself has a timeout, so its send would poll first and could wait).
+        self._direct = sock.dup()
+        self._direct.setblocking(False)
+        self.outbox = Outbox(who, send_now=self._direct.send)
         self.fd_skipped = 0
         self.frames_sent = 0
         self.tx_refused = 0
@@ -144,6 +210,7 @@ class ClientConnection:
         self.outbox.close()
         if self._writer.is_alive() and threading.current_thread() is not self._writer:
             self._writer.join(timeout)
+        self.outbox.close_then(self._direct.close)
 
     def add_frames(self, data: bytes, count: int, fd_skipped: int) -> None:
         if fd_skipped:
@@ -182,13 +249,12 @@ class ClientConnection:
         outbox = self.outbox
         try:
             while True:
-                data = outbox.take(SOCKET_POLL_S)
+                data = outbox.take()
                 if data is None:
-                    if outbox.closed:
-                        return
-                    continue
+                    return
                 if not self._send_all(data):
                     return
+                outbox.written()
         except OSError as exc:
             log.debug("client %s: write failed: %s", self.who, exc)
         finally:
