@@ -218,7 +218,7 @@ class PgWriter:
         self.wrote = 0
         self.rejected = 0
 
-    # -- broker side (dispatcher thread) --------------------------------------------------------
+    # -- broker side (one delivering thread at a time) ------------------------------------------
 
     def deliver(self, frames: Sequence[Frame]) -> None:
         """Queue frames for the writer thread; drops and counts what does not fit. Never blocks."""
