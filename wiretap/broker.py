@@ -125,6 +125,7 @@ class Broker:
         self._window_start = float("-inf")
         self._window_frames = 0
         self._previous_window_frames = 0
+        self._busy_now = False
         self._consumers: List[Consumer] = []
         self._consumers_lock = threading.Lock()
         self._thread = threading.Thread(target=self._dispatch, name="dispatcher", daemon=True)
@@ -172,7 +173,8 @@ class Broker:
             self._window_start = now
             self._window_frames = 0
         self._window_frames += count
-        return max(self._window_frames, self._previous_window_frames) >= BUSY_FRAMES
+        self._busy_now = max(self._window_frames, self._previous_window_frames) >= BUSY_FRAMES
+        return self._busy_now
 
     def start(self) -> None:
         self._thread.start()
@@ -191,9 +193,10 @@ class Broker:
             frames = get()
             if frames is None:
                 return
-            if len(frames) < COALESCE_BELOW:
-                # A quiet moment: let a few more reads arrive so that each consumer wakes (and
-                # each client is written to) once per few ms, not once per frame.
+            if len(frames) < COALESCE_BELOW and self._busy_now:
+                # Busy, but a small batch: let a few more reads arrive so that each consumer
+                # wakes (and each client is written to) once per few ms, not once per frame.
+                # (On a quiet bus a batch is queued only when another reader was delivering.)
                 time.sleep(COALESCE_S)
             merged = None
             batches = 1
