@@ -35,6 +35,9 @@ SEND_BUFFER = 32 * 1024  # the kernel doubles it: ~64 KB in flight at most (gvre
 OUTBOX_FRAME_BYTES = 256 * 1024
 REPLY_BYTES = 64 * 1024  # unread replies: a client that only sends keepalives must not pin memory
 WRITE_CHUNK = 16 * 1024
+# Frame data up to this size is written by whoever queues it into an idle outbox (a quiet bus);
+# more (a busy bus) goes to the client's writer thread, whose send overlaps the dispatcher's work.
+SEND_NOW_BYTES = 4 * 1024
 STALL_TIMEOUT_S = 30.0
 SOCKET_POLL_S = 0.5
 BEACON_PORT = 17222
@@ -49,9 +52,9 @@ class Outbox:
     """One client's outgoing bytes: replies first, then bounded frame data.
 
     One party writes to the socket at a time: the writer thread, or (``send_now``) the thread
-    that puts bytes into an outbox that is empty and idle, which writes them at once without
-    waking the writer. A write that does not go through whole leaves the rest at the head, sent
-    before anything else (it may end halfway through a message).
+    that puts a reply or a little frame data into an outbox that is empty and idle, which writes
+    it at once without waking the writer. A write that does not go through whole leaves the rest
+    at the head, sent before anything else (it may end halfway through a message).
     """
 
     def __init__(
@@ -100,7 +103,7 @@ class Outbox:
                 accepted = False
             else:
                 accepted = True
-                if self._send_now is not None and self._idle():
+                if len(data) <= SEND_NOW_BYTES and self._send_now is not None and self._idle():
                     self._writing = self._writing_now = direct = True
                 else:
                     self._frames.append(data)
