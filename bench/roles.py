@@ -277,6 +277,8 @@ class ClientPool:
         self.next_keepalive = now + self.keepalive_interval
 
     def _receive(self, client: _Client) -> None:
+        if client.sock.fileno() == -1:
+            return  # closed by a "close" command handled earlier in the same select() round
         try:
             data = client.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
