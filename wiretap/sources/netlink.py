@@ -107,7 +107,8 @@ class LinkState(NamedTuple):
 
 
 class LinkUpdate(NamedTuple):
-    """``RTM_NEWLINK``: the answer to a request (``seq`` as asked), or a change (``seq`` 0)."""
+    """``RTM_NEWLINK``: the answer to a request (``seq`` as asked), or a change (``seq`` of
+    whichever request made it, 0 when the kernel did it by itself)."""
 
     seq: int
     link: LinkState
