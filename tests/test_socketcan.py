@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -12,6 +13,7 @@ import threading
 import time
 from typing import List
 
+import pytest
 from gvret_client import SAVVYCAN_HELLO, GvretClient
 from harness import wait_until
 from test_netlink import can_link
@@ -30,6 +32,7 @@ from wiretap.sources.socketcan import (
     SocketCanSource,
     direction_of,
     parse_ancillary,
+    set_link_bitrate,
 )
 
 
@@ -343,3 +346,18 @@ def test_no_client_reply_waits_on_a_subprocess(bus_factory, monkeypatch):
         client.close()
         app.stop()
     assert spawned == []
+
+
+@pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2's ip")
+def test_setting_a_bitrate_says_what_ip_link_refused() -> None:
+    with pytest.raises(RuntimeError, match=r"ip link set dev nosuchcan9 down: .+"):
+        set_link_bitrate("nosuchcan9", 250_000)
+
+
+def test_a_seam_source_is_not_reconfigured() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    source = SocketCanSource("can0", 0, open_socket=lambda: a)
+    with pytest.raises(RuntimeError, match="can0 is not a kernel CAN interface"):
+        source.set_bitrate(250_000)
+    a.close()
+    b.close()

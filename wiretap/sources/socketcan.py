@@ -21,6 +21,7 @@ import logging
 import select
 import socket
 import struct
+import subprocess
 import threading
 import time
 from typing import Callable, Deque, List, Optional, Tuple
@@ -162,6 +163,24 @@ def open_can_socket(ifname: str, can_fd: bool) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def set_link_bitrate(ifname: str, bitrate: int) -> None:
+    """Set a CAN interface's bit rate with ``ip link`` (down, set, up: the kernel refuses to
+    change the bit timing of a running interface); raises RuntimeError saying what failed."""
+    for args in (
+        ["set", "dev", ifname, "down"],
+        ["set", "dev", ifname, "type", "can", "bitrate", str(bitrate)],
+        ["set", "dev", ifname, "up"],
+    ):
+        try:
+            subprocess.run(
+                ["ip", "link", *args], capture_output=True, text=True, timeout=5, check=True
+            )
+        except subprocess.CalledProcessError as exc:
+            raise RuntimeError(f"ip link {' '.join(args)}: {exc.stderr.strip()}") from exc
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise RuntimeError(f"ip link {' '.join(args)}: {exc}") from exc
 
 
 def _operstate(ifname: str) -> Optional[str]:
@@ -381,6 +400,14 @@ class SocketCanSource(Source):
                 self.refresh_link()
             return sock
         return None
+
+    def set_bitrate(self, bitrate: int) -> str:
+        """Reconfigure the interface to ``bitrate`` bit/s; says what was done."""
+        if not self._is_can_socket:
+            raise RuntimeError(f"{self.name} is not a kernel CAN interface")
+        set_link_bitrate(self.name, bitrate)
+        self.refresh_link()  # the kernel announces it too, when the interface comes back up
+        return f"{self.name} set to {bitrate} bit/s with ip link"
 
     def _check_down_at_open(self) -> None:
         if _operstate(self.name) == "down" and not self._down:
