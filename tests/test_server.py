@@ -13,7 +13,7 @@ from gvret_client import SAVVYCAN_HELLO, GvretClient
 from harness import wait_until
 
 from wiretap.frames import CAN_FRAME, CANFD_FRAME, make_frame
-from wiretap.server import SEND_NOW_BYTES, Outbox
+from wiretap.server import PACE_FREE_BYTES, SEND_NOW_BYTES, Outbox
 
 EXAMPLE_REPLIES = {
     0x0C: bytes.fromhex("02"),
@@ -529,3 +529,25 @@ def test_extended_buses_reply_describes_the_third_bus(harness, bus_factory):
     buses["can0"].send(make_frame(0, 0x200, b"\x00"))
     assert [(f.bus, f.can_id) for f in client.wait_frames(1)] == [(0, 0x200)]
     assert app.hub.clients[0].fd_skipped == 0
+
+
+def test_a_paced_client_gets_a_quiet_bus_at_once_and_only_bigger_writes_wait():
+    server_side, client = tcp_pair()
+    server_side.setblocking(False)
+    outbox = Outbox("test", send_now=server_side.send)
+    record = bytes(range(20))
+    interval = 3600.0  # a pacing interval no test outlives: whatever waits for it, waits
+    for _ in range(3):
+        outbox.put_frames(record, 1, pace=interval)
+    assert outbox.take(timeout=0, paced=True) == (None, False)  # all three went out at once
+    bigger = bytes([7]) * (PACE_FREE_BYTES + 20)
+    outbox.put_frames(bigger, 1, pace=interval)  # at once too, and it starts the interval
+    outbox.put_frames(bigger, 1, pace=interval)
+    assert outbox.take(timeout=0, paced=True) == (None, False)  # this one waits for it
+    expected = record * 3 + bigger
+    received = b""
+    while len(received) < len(expected):
+        received += client.recv(4096)
+    assert received == expected
+    client.close()
+    server_side.close()
