@@ -13,7 +13,7 @@ from gvret_client import SAVVYCAN_HELLO, GvretClient
 from harness import wait_until
 
 from wiretap.frames import CAN_FRAME, CANFD_FRAME, make_frame
-from wiretap.server import PACE_FREE_BYTES, SEND_NOW_BYTES, Outbox
+from wiretap.server import QUIET_WRITE_BYTES, Outbox
 
 EXAMPLE_REPLIES = {
     0x0C: bytes.fromhex("02"),
@@ -397,7 +397,7 @@ def test_an_idle_outbox_is_written_at_once_and_a_cut_write_is_finished_first():
     # The client stops reading: at last a write does not go through whole (or at all).
     chunks = []
     while True:
-        chunks.append(bytes([len(chunks) % 251]) * SEND_NOW_BYTES)
+        chunks.append(bytes([len(chunks) % 251]) * QUIET_WRITE_BYTES)
         outbox.put_frames(chunks[-1], 1)
         rest, _ = outbox.take(timeout=0)
         if rest is not None:
@@ -538,13 +538,19 @@ def test_a_paced_client_gets_a_quiet_bus_at_once_and_only_bigger_writes_wait():
     record = bytes(range(20))
     interval = 3600.0  # a pacing interval no test outlives: whatever waits for it, waits
     for _ in range(3):
-        outbox.put_frames(record, 1, pace=interval)
+        outbox.put_frames(record, 1)
     assert outbox.take(timeout=0, paced=True) == (None, False)  # all three went out at once
-    bigger = bytes([7]) * (PACE_FREE_BYTES + 20)
-    outbox.put_frames(bigger, 1, pace=interval)  # at once too, and it starts the interval
-    outbox.put_frames(bigger, 1, pace=interval)
+    bigger = bytes([7]) * (QUIET_WRITE_BYTES + 20)
+    outbox.put_frames(bigger, 1)  # for the writer thread, not at once
+    data, frames = outbox.take(timeout=0, paced=True)
+    assert (data, frames) == (bigger, True)  # no interval yet: it goes
+    server_side.sendall(data)
+    outbox.written(interval)
+    outbox.put_frames(record, 1)  # quiet: at once, though the interval has not passed
+    assert outbox.take(timeout=0, paced=True) == (None, False)
+    outbox.put_frames(bigger, 1)
     assert outbox.take(timeout=0, paced=True) == (None, False)  # this one waits for it
-    expected = record * 3 + bigger
+    expected = record * 3 + bigger + record
     received = b""
     while len(received) < len(expected):
         received += client.recv(4096)

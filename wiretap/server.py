@@ -42,13 +42,11 @@ SEND_BUFFER = 32 * 1024  # the kernel doubles it: ~64 KB in this side's send que
 OUTBOX_FRAME_BYTES = 256 * 1024
 REPLY_BYTES = 64 * 1024  # unread replies: a client that only sends keepalives must not pin memory
 WRITE_CHUNK = 16 * 1024
-# Frame data up to this size is written by whoever queues it into an idle outbox (a quiet bus);
-# more (a busy bus) goes to the client's writer thread, whose send overlaps the dispatcher's work.
-SEND_NOW_BYTES = 4 * 1024
-# A paced client's frame data waits for its pacing interval only when there is more than this
-# queued: a quiet bus's few frames go out at once. The average stays far below the pace (with
-# under 256 B per 2 ms coalescing window, the bus brings less than 128 KB/s).
-PACE_FREE_BYTES = 256
+# A quiet bus's write: up to ~12 classic frames. Written at once by whoever queues it into an
+# idle outbox (more, from a busy bus, goes to the client's writer thread, whose send overlaps
+# the dispatcher's work), and a paced client gets it without waiting for its interval: a bus that
+# brings under 256 B per 2 ms coalescing window brings less than 128 KB/s, far below the pace.
+QUIET_WRITE_BYTES = 256
 STALL_TIMEOUT_S = 30.0
 SOCKET_POLL_S = 0.5
 BEACON_PORT = 17222
@@ -114,25 +112,17 @@ class Outbox:
         self._write_now(data)
         return True
 
-    def put_frames(self, data: bytes, count: int, pace: float = 0.0) -> bool:
+    def put_frames(self, data: bytes, count: int) -> bool:
         """Queue encoded frames; False (and counted as dropped) when the client is too far
-        behind. ``pace``: a paced client's interval between frame writes."""
+        behind."""
         direct = False
         with self._ready:
             if self._frame_bytes + len(data) > self.capacity:
                 accepted = False
             else:
                 accepted = True
-                small = len(data) <= PACE_FREE_BYTES
-                if (
-                    len(data) <= SEND_NOW_BYTES
-                    and self._send_now is not None
-                    and self._idle()
-                    and (not pace or small or time.monotonic() >= self.frames_from)
-                ):
+                if len(data) <= QUIET_WRITE_BYTES and self._send_now is not None and self._idle():
                     self._writing = self._writing_now = direct = True
-                    if pace and not small:
-                        self.frames_from = time.monotonic() + pace
                 else:
                     self._frames.append(data)
                     self._frame_bytes += len(data)
@@ -180,7 +170,7 @@ class Outbox:
     ) -> Tuple[Optional[bytes], bool]:
         """The next bytes to write and whether they are frame data: the rest of a cut write
         first, then all waiting replies; else frame data up to about ``limit`` bytes, for a
-        ``paced`` client not before :attr:`frames_from` unless at most ``PACE_FREE_BYTES``
+        ``paced`` client not before :attr:`frames_from` unless at most ``QUIET_WRITE_BYTES``
         are queued (replies never wait for it). None once
         closed, or after ``timeout`` s (None: no limit) with nothing to write. The caller owns
         the socket until it calls :meth:`written`."""
@@ -199,7 +189,7 @@ class Outbox:
                         self._writing = True
                         return data, False
                 now = time.monotonic()
-                small = self._frame_bytes <= PACE_FREE_BYTES
+                small = self._frame_bytes <= QUIET_WRITE_BYTES
                 frames_from = self.frames_from if paced and not small else 0.0
                 if self._frames and now >= frames_from and not self._writing:
                     break
@@ -370,8 +360,7 @@ class ClientConnection:
         if out.cuts:
             accepted = self.outbox.put_frame_pieces(out.pieces(), out.frames)
         else:
-            pace = gvret.PACE_INTERVAL_S if self.protocol.paced else 0.0
-            accepted = self.outbox.put_frames(out.data, out.frames, pace)
+            accepted = self.outbox.put_frames(out.data, out.frames)
         if accepted:
             self.frames_sent += out.frames
 
@@ -404,7 +393,7 @@ class ClientConnection:
                     continue
                 if not self._send_all(data):
                     return
-                paced_write = frames and paced and len(data) > PACE_FREE_BYTES
+                paced_write = frames and paced and len(data) > QUIET_WRITE_BYTES
                 outbox.written(gvret.PACE_INTERVAL_S if paced_write else 0.0)
         except OSError as exc:
             log.debug("client %s: write failed: %s", self.who, exc)
