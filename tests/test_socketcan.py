@@ -361,3 +361,26 @@ def test_a_seam_source_is_not_reconfigured() -> None:
         source.set_bitrate(250_000)
     a.close()
     b.close()
+
+
+def test_losing_the_kernels_news_keeps_the_last_values_and_the_frames(bus_factory, caplog):
+    bus = bus_factory()
+    kernel, source_end = link_seam()
+    kernel.send(can_link("can0", bitrate=250_000))
+    source = SocketCanSource(
+        "can0", 0, open_socket=lambda: bus.reader_end, open_link=lambda: source_end
+    )
+    with caplog.at_level(logging.WARNING, logger="wiretap.socketcan"):
+        collector = started(source)
+        try:
+            source_end.close()  # the rtnetlink socket breaks (EBADF at the next read)
+            for i in range(3):
+                bus.send(make_frame(0, 0x100, bytes([i])))
+            wait_until(lambda: len(collector.frames) == 3, what="frames after the break")
+        finally:
+            source.stop()
+            source.join(10)
+    assert source.bus_info(0).bitrate == 250_000
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("no more news of the interface from the kernel" in m for m in messages) == 1
+    assert not any("reader failed" in m for m in messages)

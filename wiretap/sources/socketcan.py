@@ -434,7 +434,18 @@ class SocketCanSource(Source):
         while not self._stop.is_set():
             ready = poller.poll()
             if watch is not None and any(fd == link_fd for fd, _ in ready):
-                self._on_link_events(watch.read())
+                try:
+                    self._on_link_events(watch.read())
+                except OSError as exc:
+                    log.warning(
+                        "%s: no more news of the interface from the kernel (%s); clients are "
+                        "told what was last known",
+                        self.name,
+                        exc.strerror or exc,
+                    )
+                    poller.unregister(link_fd)
+                    self._close_link_watch()
+                    watch = None
             if not any(fd == can_fd for fd, _ in ready):
                 continue
             batch: List[Frame] = []
