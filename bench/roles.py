@@ -16,6 +16,7 @@ import resource
 import selectors
 import socket
 import struct
+import sys
 import time
 from multiprocessing.connection import Connection
 from typing import Dict, List, Optional, Sequence
@@ -86,12 +87,45 @@ def thread_cpu() -> Dict[str, float]:
     return seconds
 
 
+STAGES = (
+    ("reader", "reader-"),  # poll, recvmsg, decode, publish (and on a quiet bus the fan-out)
+    ("dispatch+encode", "dispatcher"),  # coalescing, one encode per dialect, queueing for all
+    ("send", "writer-"),  # the client writer threads: outbox, send()
+    ("handlers", "Thread-"),  # socketserver's per-client threads: recv, keepalive replies
+    ("db writer", "pg-writer"),  # rows, COPY bytes, the round trip to PostgreSQL
+)
+"""The frame path's stages, each the thread (name prefix) that does its work."""
+
+
+def stage_cpu(by_thread: Dict[str, float]) -> Dict[str, float]:
+    """:func:`thread_cpu` summed per stage of :data:`STAGES`; the rest (pg-keeper, stats, the
+    accept loop, the bench's own command thread) as ``other``."""
+    stages = {name: 0.0 for name, _ in STAGES}
+    stages["other"] = 0.0
+    for thread, seconds in by_thread.items():
+        stage = next((name for name, prefix in STAGES if thread.startswith(prefix)), "other")
+        stages[stage] += seconds
+    return stages
+
+
 # --- server -------------------------------------------------------------------------------------
 
 
-def serve(conn: Connection, argv: List[str], reader_end: socket.socket, pg_spool: str) -> None:
+def serve(
+    conn: Connection,
+    argv: List[str],
+    reader_end: socket.socket,
+    pg_spool: str,
+    server_tree: Optional[str] = None,
+) -> None:
     """The server under test: ``App`` on the seam's reader end; answers ``counters``, ``cpu``
-    (user + system seconds of the whole process, exact rather than in clock ticks) and ``stop``."""
+    (user + system seconds of the whole process, exact rather than in clock ticks),
+    ``thread_cpu`` (:func:`thread_cpu`) and ``stop``. ``server_tree``: import ``wiretap`` from
+    that checkout instead (another commit's server, measured by the same bench)."""
+    if server_tree:
+        for name in [name for name in sys.modules if name.split(".")[0] == "wiretap"]:
+            del sys.modules[name]
+        sys.path.insert(0, server_tree)
     from wiretap.app import App
     from wiretap.config import load_config
     from wiretap.sources.netlink import open_link_socket

@@ -9,6 +9,7 @@ bench/roles.py; the throw-away PostgreSQL comes from tests/pgcluster.py.
     python bench/run.py --no-pg --json figures.json
     python bench/run.py --low-rate      # only the low-rate section (about 2 minutes)
     python bench/run.py --savvycan      # a model SavvyCAN at 1x and 5x a saturated bus (~90 s)
+    python bench/run.py --cpu --cpu-trees ../old .   # CPU per frame by stage, two commits
 
 Rates are asked of the feeder; a phase passes when the feeder achieved at least 97 % of the asked
 rate (the seam is blocking, so a reader that falls behind slows the feeder rather than losing
@@ -46,6 +47,7 @@ LOW_RATES = (100, 1_000, 10_000)
 LOW_RATE_SECONDS = {100: 10.0, 1_000: 6.0, 10_000: 4.0}  # enough frames for CPU per frame
 SAVVYCAN_KEEPALIVE_S = 0.25  # SavvyCAN's keepalive interval (tests/savvycan_model.py)
 LOW_RATE_CLIENTS = 2
+CPU_FPS = 10_000  # cpu_pct_per_10k_fps: server CPU at this rate, in % of one core
 KEEPALIVE_SECONDS = 3.0
 IDLE_S = 5.0
 SERVER_ARGS = ["--host", "127.0.0.1", "--port", "0", "--stats-interval", "0", "--log-level"]
@@ -78,6 +80,7 @@ class Phase:
     keepalive_p50_ms: Optional[float] = None
     keepalive_p99_ms: Optional[float] = None
     keepalives: int = 0
+    stage_cpu_s: Dict[str, float] = field(default_factory=dict)  # by stage (roles.STAGES)
     limit: str = ""  # for a max_fps phase: what went wrong one step faster
 
     @property
@@ -129,7 +132,13 @@ class Phase:
 class Rig:
     """A server process on a seam socket pair, a feeder process and a client-pool process."""
 
-    def __init__(self, extra_args: List[str], log_level: str, spool: str) -> None:
+    def __init__(
+        self,
+        extra_args: List[str],
+        log_level: str,
+        spool: str,
+        server_tree: Optional[str] = None,
+    ) -> None:
         context = multiprocessing.get_context("fork")
         reader_end, bus_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.feeder_conn, child = context.Pipe()
@@ -141,7 +150,7 @@ class Rig:
         self.server_conn, child = context.Pipe()
         argv = [*SERVER_ARGS, log_level, *THROUGHPUT_ARGS, *extra_args]
         self.server = context.Process(
-            target=roles.serve, args=(child, argv, reader_end, spool), daemon=True
+            target=roles.serve, args=(child, argv, reader_end, spool, server_tree), daemon=True
         )
         self.server.start()
         reader_end.close()
@@ -159,6 +168,11 @@ class Rig:
     def server_cpu(self) -> float:
         """CPU seconds the server process has used so far (exact, not in clock ticks)."""
         self.server_conn.send("cpu")
+        return self.server_conn.recv()
+
+    def thread_cpu(self) -> Dict[str, float]:
+        """CPU seconds of each of the server's threads so far, by thread name."""
+        self.server_conn.send("thread_cpu")
         return self.server_conn.recv()
 
     def _clients(self, *command: object) -> object:
@@ -198,6 +212,7 @@ class Rig:
         phase = Phase(self.connected, asked_fps)
         self._clients("phase", self.next_seq, latency, keepalive_s)
         before = self.counters()
+        threads = self.thread_cpu()
         server_cpu = self.server_cpu()
         clients_cpu = roles.cpu_seconds(self.client_pool.pid)
         self.feeder_conn.send((count, asked_fps))
@@ -206,6 +221,11 @@ class Rig:
                 every_second()
         phase.fed, elapsed, feeder_cpu, _behind = self.feeder_conn.recv()
         phase.server_cpu_s = self.server_cpu() - server_cpu
+        stages_before = roles.stage_cpu(threads)
+        phase.stage_cpu_s = {
+            stage: seconds - stages_before[stage]
+            for stage, seconds in roles.stage_cpu(self.thread_cpu()).items()
+        }
         self.next_seq += phase.fed
         phase.achieved_fps = phase.fed / elapsed
         phase.feeder_cpu_pct = 100 * feeder_cpu / elapsed
@@ -588,9 +608,13 @@ def run_pg(args: argparse.Namespace, work: Path) -> Dict[str, object]:
         try:
             rig.connect(2)
             phase = rig.feed(10_000, 10_000 * int(args.seconds + 2), expect_db=True)
-            _log("cpu at 10k fps, 2 clients, copy: " + _show(phase))
+            _log("cpu at 10k fps, 2 clients, copy: " + _show(phase) + " " + _stages(phase))
             figures["cpu_phase"] = asdict(phase)
             figures["cpu_pct_per_10k_fps"] = round(phase.server_cpu_pct, 1)
+            figures["cpu_us_per_frame_by_stage"] = {
+                stage: round(1e6 * seconds / phase.fed, 2)
+                for stage, seconds in phase.stage_cpu_s.items()
+            }
             rig.connect(2)
             best = find_max_fps(rig, 2 * args.seconds, expect_db=True)
             figures["max_fps_4_clients_pg_copy"] = round(best.achieved_fps) if best.passed else 0
@@ -600,6 +624,107 @@ def run_pg(args: argparse.Namespace, work: Path) -> Dict[str, object]:
     finally:
         cluster.destroy()
     return figures
+
+
+def cpu_phases(args: argparse.Namespace, dsn: str, work: Path, tree: str) -> dict:
+    """``cpu_pct_per_10k_fps``'s phase (2 clients, PostgreSQL copy, 10,000 fps) on a fresh
+    server from checkout ``tree``, with CPU by stage; then the same rate with
+    keepalives every 20 ms, for latency and keepalive p99 (CPU is not taken from that one)."""
+    pg_args = ["--pg-enable", "--pg-dsn", dsn, "--pg-mode", "copy"]
+    load = os.getloadavg()[0]
+    rig = Rig(pg_args, args.log_level, str(work / "spool.db"), server_tree=tree)
+    try:
+        rig.connect(2)
+        phase = rig.feed(CPU_FPS, CPU_FPS * int(args.seconds + 2), latency=True, expect_db=True)
+        _log(f"cpu {tree}: " + _show(phase) + " " + _stages(phase))
+        alive = rig.feed(CPU_FPS, int(CPU_FPS * KEEPALIVE_SECONDS), latency=True, keepalive_s=0.02)
+        _log(
+            f"keepalive {tree}: {_show(alive)} lat p99 {_ms(alive.lat_p99_ms)} "
+            f"keepalive p99 {_ms(alive.keepalive_p99_ms)}"
+        )
+    finally:
+        rig.close()
+    return {
+        "load_avg": load,
+        "cpu_pct": phase.server_cpu_pct,
+        "passed": phase.passed and alive.passed,
+        "us_per_frame": {
+            stage: 1e6 * seconds / phase.fed for stage, seconds in phase.stage_cpu_s.items()
+        }
+        | {"total": phase.server_cpu_us_per_frame},
+        "lat_p50_ms": phase.lat_p50_ms,
+        "lat_p99_ms": max(phase.lat_p99_ms or 0.0, alive.lat_p99_ms or 0.0),
+        "keepalive_p99_ms": alive.keepalive_p99_ms,
+    }
+
+
+def _stages(phase: Phase) -> str:
+    return "µs/frame: " + ", ".join(
+        f"{stage} {1e6 * seconds / max(phase.fed, 1):.1f}"
+        for stage, seconds in phase.stage_cpu_s.items()
+    )
+
+
+def run_cpu(args: argparse.Namespace, work: Path) -> Dict[str, object]:
+    """``cpu_pct_per_10k_fps`` and CPU per frame by stage for each checkout in
+    ``--cpu-trees``, alternating between them ``--repeats`` times on one PostgreSQL cluster, so
+    that every checkout sees the same kind of machine load; medians reported."""
+    from pgcluster import PgCluster
+
+    trees = [str(Path(tree).resolve()) for tree in args.cpu_trees or [str(REPO)]]
+    runs: Dict[str, List[dict]] = {tree: [] for tree in trees}
+    cluster = PgCluster()
+    cluster.start()
+    try:
+        for _ in range(args.repeats):
+            for tree in trees:
+                cluster.psql("-c", "truncate public.can_frame restart identity")
+                runs[tree].append(cpu_phases(args, cluster.dsn, work, tree))
+    finally:
+        cluster.destroy()
+    summary = {}
+    for tree, results in runs.items():
+        ordered = sorted(results, key=lambda run: run["cpu_pct"])
+        median = ordered[len(ordered) // 2]
+        summary[tree] = {
+            "cpu_pct_median": median["cpu_pct"],
+            "cpu_pct_runs": [run["cpu_pct"] for run in results],
+            "us_per_frame_median_run": median["us_per_frame"],
+            "lat_p99_ms_worst": max(run["lat_p99_ms"] or 0.0 for run in results),
+            "keepalive_p99_ms_worst": max(run["keepalive_p99_ms"] or 0.0 for run in results),
+            "all_passed": all(run["passed"] for run in results),
+            "load_avg_runs": [run["load_avg"] for run in results],
+        }
+    return {"mode": "cpu", "cpu": summary, "cpu_runs": runs}
+
+
+def cpu_rows(figures: Dict[str, object]) -> List[tuple]:
+    rows = []
+    for tree, summary in figures["cpu"].items():
+        stages = summary["us_per_frame_median_run"]
+        rows += [
+            (
+                f"{tree}: cpu_pct_per_10k_fps (2 clients, PostgreSQL copy)",
+                f"{summary['cpu_pct_median']:.1f} (median; runs "
+                + ", ".join(f"{pct:.1f}" for pct in summary["cpu_pct_runs"])
+                + "; load average "
+                + ", ".join(f"{load:.1f}" for load in summary["load_avg_runs"])
+                + ")",
+                "≤ 7.5",
+            ),
+            (
+                "  µs per frame by stage (median run)",
+                ", ".join(f"{stage} {value:.1f}" for stage, value in stages.items()),
+                "",
+            ),
+            (
+                "  lat p99 / keepalive p99 at 10,000 fps (worst run)",
+                f"{_ms(summary['lat_p99_ms_worst'])} / {_ms(summary['keepalive_p99_ms_worst'])} ms"
+                + ("" if summary["all_passed"] else " (a run LOST frames or missed the rate)"),
+                "< 20 / < 50",
+            ),
+        ]
+    return rows
 
 
 class SavvycanRig:
@@ -736,7 +861,9 @@ def table(figures: Dict[str, object]) -> str:
     if figures["mode"] == "savvycan":
         return _savvycan_table(figures)
     rows = [("figure", "measured", "target")]
-    if figures["mode"] == "low-rate":
+    if figures["mode"] == "cpu":
+        rows += cpu_rows(figures)
+    elif figures["mode"] == "low-rate":
         rows += low_rate_rows(figures)
     elif figures["mode"] == "quick":
         rows += [
@@ -799,7 +926,17 @@ def table(figures: Dict[str, object]) -> str:
                 (
                     "cpu_pct_per_10k_fps (2 clients, PostgreSQL copy)",
                     f"{figures['cpu_pct_per_10k_fps']}",
-                    "≤ 15",
+                    "≤ 7.5",
+                )
+            )
+            rows.append(
+                (
+                    "  µs per frame by stage",
+                    ", ".join(
+                        f"{stage} {value:.1f}"
+                        for stage, value in figures["cpu_us_per_frame_by_stage"].items()
+                    ),
+                    "",
                 )
             )
         rows.append(("rss_mb peak at max_fps", f"{figures['rss_peak_mb']:.1f}", "< 150"))
@@ -905,6 +1042,17 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         metavar=("AT_1X", "AT_5X"),
         help="length of the --savvycan phases",
     )
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="only cpu_pct_per_10k_fps, with CPU per frame by stage (about 20 s per run)",
+    )
+    parser.add_argument(
+        "--cpu-trees",
+        nargs="+",
+        metavar="DIR",
+        help="with --cpu: checkouts whose server to measure, alternately (default: this one)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the figures to PATH")
     parser.add_argument("--no-pg", dest="pg", action="store_false", help="skip PostgreSQL")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
@@ -938,6 +1086,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             figures.update(run_savvycan(args, Path(work)))
         elif args.quick:
             figures.update(run_quick(args, Path(work)))
+        elif args.cpu:
+            figures.update(run_cpu(args, Path(work)))
         elif args.low_rate:
             figures.update({"mode": "low-rate"}, **run_low_rate(args, Path(work)))
         else:
