@@ -9,10 +9,11 @@ costs frames for itself only.
 Batching only when there is a batch: on a quiet bus (fewer than ``BUSY_FRAMES`` frames in the
 last ``COALESCE_S``) the reader that publishes a batch hands it to the consumers itself, at once,
 with no thread hop; a client then usually gets it written straight to its socket. When the buses
-are busy, batches go through the queue: the dispatcher waits ``COALESCE_S`` after a small batch
-and hands the consumers everything that arrived meanwhile as one batch (up to ``MAX_DELIVERY``
-frames), since per-batch work (a wake-up per consumer, one encode and one ``send`` per client) is
-what a busy server spends its CPU on. Either way one delivery runs at a time, in order.
+are busy, batches go through the queue: the dispatcher delivers at most once per ``COALESCE_S``,
+handing the consumers everything that arrived meanwhile as one batch (up to ``MAX_DELIVERY``
+frames); it sleeps out the rest of each window rather than being woken by every batch, since
+per-batch work (a wake-up per consumer, one encode and one ``send`` per client) is what a busy
+server spends its CPU on. Either way one delivery runs at a time, in order.
 """
 
 from __future__ import annotations
@@ -194,15 +195,27 @@ class Broker:
     def _dispatch(self) -> None:
         get, get_nowait = self._queue.get, self._queue.get_nowait
         stopping = False
+        last_delivery = float("-inf")
+        backlog = False  # the last delivery was cut at MAX_DELIVERY: no pause before the next
         while not stopping:
-            frames = get()
+            if self._busy_now and not backlog:
+                # Busy: at most one delivery per COALESCE_S, so that each consumer wakes (and
+                # each client is written to) once per few ms, not once per frame. The rest of
+                # the window is waited out before looking at the queue, so that the readers'
+                # batches meanwhile wake nobody.
+                wait = last_delivery + COALESCE_S - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+            try:
+                frames = get_nowait()
+            except queue.Empty:
+                frames = get()
+                if frames is not None and len(frames) < COALESCE_BELOW and self._busy_now:
+                    # Woken by a small batch of a busy bus: let the next reads join it. (On a
+                    # quiet bus a batch is queued only when another reader was delivering.)
+                    time.sleep(COALESCE_S)
             if frames is None:
                 return
-            if len(frames) < COALESCE_BELOW and self._busy_now:
-                # Busy, but a small batch: let a few more reads arrive so that each consumer
-                # wakes (and each client is written to) once per few ms, not once per frame.
-                # (On a quiet bus a batch is queued only when another reader was delivering.)
-                time.sleep(COALESCE_S)
             merged = None
             batches = 1
             while len(frames) < MAX_DELIVERY:
@@ -217,7 +230,9 @@ class Broker:
                     merged = frames = list(frames)
                 merged.extend(more)
                 batches += 1
+            backlog = len(frames) >= MAX_DELIVERY
             with self._delivering:
+                last_delivery = time.monotonic()
                 self._deliver(frames)
                 with self._queued_lock:
                     self._queued_frames -= len(frames)
