@@ -21,6 +21,7 @@ the writer at most 0.5 s of frames behind when feeding ended: a queue that only 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import multiprocessing
 import os
@@ -977,7 +978,8 @@ def table(figures: Dict[str, object]) -> str:
     info = figures["machine"]
     lines = [
         f"machine: {info['cores']} cores, {info['cpu']}, Python {info['python']}, "
-        f"load average at start {info['load_avg_at_start'][0]:.2f}",
+        f"load average at start {info['load_avg_at_start'][0]:.2f}, seam queue "
+        f"{info.get('seam_queue', '?')} datagrams",
         "",
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
@@ -1053,6 +1055,13 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         metavar="DIR",
         help="with --cpu: checkouts whose server to measure, alternately (default: this one)",
     )
+    parser.add_argument(
+        "--deep-seam",
+        type=int,
+        metavar="FRAMES",
+        help="run in a network namespace of its own whose seam queues FRAMES datagrams, as a "
+        "CAN socket's receive buffer does (root; the host's setting is untouched)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the figures to PATH")
     parser.add_argument("--no-pg", dest="pg", action="store_false", help="skip PostgreSQL")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
@@ -1063,6 +1072,22 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     )
     parser.add_argument("--log-level", default="WARNING", help="the server's log level")
     return parser.parse_args(argv)
+
+
+CLONE_NEWNET = 0x40000000  # <linux/sched.h>
+MAX_DGRAM_QLEN = Path("/proc/sys/net/unix/max_dgram_qlen")  # of the reading task's namespace
+
+
+def deepen_seam(frames: int) -> None:
+    """Move this process (and the processes it forks from now on) into a network namespace of
+    its own, with ``lo`` up and ``net.unix.max_dgram_qlen`` = ``frames``, so that the seam
+    socket pair queues as many datagrams as a CAN socket's receive buffer holds frames instead of
+    the host's 10 or so. The host's setting is untouched. Needs root (or a user namespace)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNET) != 0:
+        raise SystemExit(f"--deep-seam: unshare(CLONE_NEWNET): {os.strerror(ctypes.get_errno())}")
+    MAX_DGRAM_QLEN.write_text(str(frames))
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 
 
 def run_vcan(frames: int) -> int:
@@ -1080,8 +1105,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.vcan:
         return run_vcan(args.vcan_frames)
+    if args.deep_seam:
+        deepen_seam(args.deep_seam)
     with tempfile.TemporaryDirectory(prefix="wiretap-bench-") as work:
         figures = {"machine": machine()}
+        figures["machine"]["seam_queue"] = int(MAX_DGRAM_QLEN.read_text()) + 1
         if args.savvycan:
             figures.update(run_savvycan(args, Path(work)))
         elif args.quick:
