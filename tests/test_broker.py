@@ -7,7 +7,7 @@ from typing import List
 
 from harness import wait_until
 
-from wiretap.broker import BUSY_FRAMES, Broker, Mailbox
+from wiretap.broker import BUSY_FRAMES, COALESCE_S, Broker, Mailbox
 from wiretap.frames import Frame, make_frame
 
 
@@ -163,3 +163,19 @@ def test_mailbox_keeps_the_oldest_and_counts_the_rest(caplog):
     assert box.drops.total == 2
     assert [f.data[0] for f in box.get(10, 0)] == [0, 1, 2, 3, 4]
     assert "test consumer is not keeping up, dropped 2 frames" in caplog.text
+
+
+def test_a_busy_bus_batched_by_its_reader_goes_out_at_once():
+    clock = FrozenClock()
+    broker = Broker(clock=clock)
+    recorder = ThreadRecorder()
+    broker.register(recorder)
+    broker.start()
+    broker.publish(batch(0, 1))  # the first delivery
+    for number in range(1, 6):
+        clock.now += 1.25 * COALESCE_S  # a reader that reads its busy bus once per window
+        broker.publish(batch(20 * number - 19, 20))
+        # Already coalesced: no thread hop, and no second window of waiting.
+        assert recorder.calls[-1] == (threading.current_thread().name, 20)
+    broker.stop()
+    assert broker.frames_in == 1 + 5 * 20

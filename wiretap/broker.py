@@ -7,7 +7,8 @@ buffer with its drop counter and rate-limited "not keeping up" log line. A consu
 costs frames for itself only.
 
 Batching only when there is a batch: on a quiet bus (fewer than ``BUSY_FRAMES`` frames in the
-last ``COALESCE_S``) the reader that publishes a batch hands it to the consumers itself, at once,
+last ``COALESCE_S``), or when the previous delivery is ``COALESCE_S`` old (a reader that batches
+a busy bus itself), the reader that publishes a batch hands it to the consumers itself, at once,
 with no thread hop; a client then usually gets it written straight to its socket. When the buses
 are busy, batches go through the queue: the dispatcher delivers at most once per ``COALESCE_S``,
 handing the consumers everything that arrived meanwhile as one batch (up to ``MAX_DELIVERY``
@@ -127,6 +128,7 @@ class Broker:
         self._window_frames = 0
         self._previous_window_frames = 0
         self._busy_now = False
+        self._last_delivery = float("inf")  # by self._clock; none yet: not "spaced"
         self._consumers: List[Consumer] = []
         self._consumers_lock = threading.Lock()
         self._thread = threading.Thread(target=self._dispatch, name="dispatcher", daemon=True)
@@ -148,7 +150,11 @@ class Broker:
         ``max_queued_frames`` waiting, the batch is dropped and counted (``overflow``)."""
         if not frames:
             return
-        if not self._busy(len(frames)) and self._delivering.acquire(blocking=False):
+        busy = self._busy(len(frames))
+        # A reader that batches a busy bus itself (publishing at most once per COALESCE_S) has
+        # done the coalescing already: its batch goes out at once too, with no thread hop.
+        spaced = self._clock() - self._last_delivery >= COALESCE_S
+        if (not busy or spaced) and self._delivering.acquire(blocking=False):
             try:
                 # Nothing queued may still be waiting, or this batch would overtake it.
                 if not self._queued_batches:
@@ -239,6 +245,7 @@ class Broker:
                     self._queued_batches -= batches
 
     def _deliver(self, frames: Sequence[Frame]) -> None:
+        self._last_delivery = self._clock()
         self.frames_in += len(frames)
         for consumer in self._consumers:
             try:
