@@ -44,9 +44,10 @@ OUTBOX_FRAME_BYTES = 256 * 1024
 REPLY_BYTES = 64 * 1024  # unread replies: a client that only sends keepalives must not pin memory
 WRITE_CHUNK = 16 * 1024
 # A quiet bus's write: up to ~12 classic frames. Written at once by whoever queues it into an
-# idle outbox (more, from a busy bus, goes to the client's writer thread, whose send overlaps
-# the dispatcher's work), and a paced client gets it without waiting for its interval: a bus that
-# brings under 256 B per 2 ms coalescing window brings less than 128 KB/s, far below the pace.
+# idle outbox, and a paced client gets it without waiting for its interval: a bus that brings
+# under 256 B per 2 ms coalescing window brings less than 128 KB/s, far below the pace. More, from
+# a busy bus, goes to a paced client's writer thread; an unpaced client's is written at once too,
+# up to WRITE_CHUNK (non-blocking: what the socket does not take, its writer thread finishes).
 QUIET_WRITE_BYTES = 256
 STALL_TIMEOUT_S = 30.0
 SOCKET_POLL_S = 0.5
@@ -121,16 +122,16 @@ class Outbox:
         self._write_now(data)
         return True
 
-    def put_frames(self, data: bytes, count: int) -> bool:
+    def put_frames(self, data: bytes, count: int, at_once: int = QUIET_WRITE_BYTES) -> bool:
         """Queue encoded frames; False (and counted as dropped) when the client is too far
-        behind."""
+        behind. Up to ``at_once`` bytes into an idle outbox are written by the caller at once."""
         direct = False
         with self._ready:
             if self._frame_bytes + len(data) > self.capacity:
                 accepted = False
             else:
                 accepted = True
-                if len(data) <= QUIET_WRITE_BYTES and self._send_now is not None and self._idle():
+                if len(data) <= at_once and self._send_now is not None and self._idle():
                     self._writing = self._writing_now = direct = True
                 else:
                     self._frames.append(data)
@@ -370,7 +371,10 @@ class ClientConnection:
         if out.cuts:
             accepted = self.outbox.put_frame_pieces(out.pieces(), out.frames)
         else:
-            accepted = self.outbox.put_frames(out.data, out.frames)
+            # An unpaced client's batch (up to WRITE_CHUNK) is written by the delivering thread
+            # when its outbox is idle: a busy bus's delivery then costs no writer wake-up.
+            at_once = QUIET_WRITE_BYTES if self.protocol.paced else WRITE_CHUNK
+            accepted = self.outbox.put_frames(out.data, out.frames, at_once)
         if accepted:
             self.frames_sent += out.frames
 
