@@ -27,7 +27,7 @@ def pg(pg_cluster: PgCluster) -> Iterator[PgCluster]:
     """The cluster, running, with an empty ``can_frame`` (a drill may have left it stopped)."""
     if not (pg_cluster.datadir / "postmaster.pid").exists():
         pg_cluster.start()
-    pg_cluster.psql("-c", "truncate public.can_frame restart identity")
+    pg_cluster.psql("-c", "truncate public.can_frame, public.can_inventory restart identity")
     yield pg_cluster
 
 
@@ -36,10 +36,10 @@ def make_writer(tmp_path: Path) -> Iterator[Callable[..., PgWriter]]:
     """``make_writer(dsn, **postgres_settings)``: a started writer, stopped after the test."""
     writers: List[PgWriter] = []
 
-    def make(dsn: str, default_dir: str = "rx", **settings: object) -> PgWriter:
+    def make(dsn: str, default_dir: str = "rx", node: str = "", **settings: object) -> PgWriter:
         settings = {"flush_interval": 0.05, "cache_path": str(tmp_path / "spool.db"), **settings}
         cfg = dataclasses.replace(PostgresConfig(), enable=True, dsn=dsn, **settings)
-        writer = PgWriter(cfg, default_dir)
+        writer = PgWriter(cfg, default_dir, node)
         writer.start()
         writers.append(writer)
         return writer

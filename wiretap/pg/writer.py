@@ -16,6 +16,7 @@ import collections
 import contextlib
 import io
 import logging
+import socket
 import sqlite3
 import struct
 import threading
@@ -162,8 +163,9 @@ def _is_content_error(error: BaseException) -> bool:
 class PgWriter:
     """Consumer that stores every frame in PostgreSQL, or in the spool until it can."""
 
-    def __init__(self, cfg: PostgresConfig, default_dir: str) -> None:
+    def __init__(self, cfg: PostgresConfig, default_dir: str, node: Optional[str] = None) -> None:
         self._dsn = cfg.dsn or ""
+        self._node = node or socket.gethostname()
         self._mode = cfg.mode
         self._batch_size = cfg.batch_size
         self._flush_interval = cfg.flush_interval
@@ -571,6 +573,9 @@ class PgWriter:
             conn = psycopg2.connect(self._dsn, application_name=APPLICATION_NAME, **extra)
             with conn.cursor() as cur:
                 cur.execute("SET statement_timeout = %s", (STATEMENT_TIMEOUT,))
+                # Fills the node column of a partitioned can_frame (init_schema.sql); a plain
+                # table has none, and the rows are the same either way.
+                cur.execute("SELECT set_config('wiretap.node', %s, false)", (self._node,))
             conn.commit()
         except psycopg2.Error as error:
             self._lose_connection(_reason(error))
