@@ -99,7 +99,9 @@ $$;
 -- (aligned to 2000-01-01 UTC) from the one before now to _ahead ahead, so a write never waits
 -- for one at midnight, and for rows in the DEFAULT partition from the last _backfill (a spool
 -- drained after a long outage): those rows move out of DEFAULT into their new partition.
--- Returns one row per partition made, with the rows it took over from DEFAULT.
+-- Returns one row per partition made, with the rows it took over from DEFAULT. _from (for
+-- scripts/migrate-partitions.py, and only for the table's owner) makes every partition from
+-- _from on as well.
 -- SECURITY DEFINER: it runs with the rights of whoever ran this script, so servers that may
 -- only INSERT can still keep partitions ahead. It can only add partitions. Locks wait at most
 -- 2 s (writers queue behind a waiting ALTER); what could not be done is done next time, which
@@ -107,7 +109,8 @@ $$;
 create or replace function public.can_frame_create_partitions(
     _interval interval default '1 day',
     _ahead interval default '2 days',
-    _backfill interval default '31 days'
+    _backfill interval default '31 days',
+    _from timestamptz default null
 )
 returns table (partition text, rows bigint)
 language plpgsql
@@ -128,12 +131,17 @@ begin
             ' at most 31 days, _backfill at most 366 days'
             using errcode = 'invalid_parameter_value';
     end if;
+    if _from is not null and not pg_has_role(session_user,
+            (select relowner from pg_class where oid = 'public.can_frame'::regclass), 'usage') then
+        raise exception 'can_frame_create_partitions: only the owner of can_frame may give _from'
+            using errcode = 'insufficient_privilege';
+    end if;
     if not pg_try_advisory_xact_lock(hashtext('wiretap.can_frame partitions')) then
         return;
     end if;
     perform set_config('lock_timeout', '2s', true);
     for _lo in
-        select generate_series(date_bin(_interval, _now, _origin) - _interval,
+        select generate_series(date_bin(_interval, least(_from, _now - _interval), _origin),
                                date_bin(_interval, _now + _ahead, _origin), _interval)
         union
         select distinct date_bin(_interval, d.ts, _origin)
@@ -142,7 +150,8 @@ begin
         order by 1
     loop
         continue when exists (
-            select 1 from public.can_frame_partitions() p where p.lo < _lo + _interval and p.hi > _lo);
+            select 1 from public.can_frame_partitions() p
+            where p.lo < _lo + _interval and p.hi > _lo);
         partition := 'can_frame_' || to_char(_lo at time zone 'UTC',
             case when _interval >= interval '1 day' and date_bin('1 day', _lo, _origin) = _lo
                  then 'YYYYMMDD' else 'YYYYMMDD"_"HH24MI' end);
@@ -356,8 +365,8 @@ begin
 end
 $$;
 
-revoke execute on function public.can_frame_create_partitions(interval, interval, interval)
-    from public;
+revoke execute on function
+    public.can_frame_create_partitions(interval, interval, interval, timestamptz) from public;
 
 -- The ingest role of the original set-up guide is "candor"; grant to it (or to "wiretap") only
 -- where such a role exists, so the script also runs on a bare database.
@@ -377,7 +386,8 @@ begin
                 'bytea, integer, text) to %I', _role);
             execute format('grant select on public.can_inventory to %I', _role);
             execute format('grant execute on function public.can_frame_partitions(), '
-                'public.can_frame_create_partitions(interval, interval, interval) to %I', _role);
+                'public.can_frame_create_partitions(interval, interval, interval, timestamptz)'
+                ' to %I', _role);
         end if;
     end loop;
 end
