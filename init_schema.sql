@@ -173,6 +173,19 @@ begin
 end
 $$;
 
+-- Rows of one node in the DEFAULT partition: frames whose time fell outside every partition.
+-- SECURITY DEFINER so that a server that may only insert can report it in its stats.
+create or replace function public.can_frame_outside(_node text)
+returns bigint
+language plpgsql stable
+security definer
+set search_path = pg_catalog, public
+as $$
+begin
+    return (select count(*) from public.can_frame_default where node = _node);
+end
+$$;
+
 -- Retention: drops whole partitions that end before now() - _retention (never a DELETE over
 -- their rows), and their hours of the inventory. Returns each partition dropped with its row
 -- count, taken from the inventory so that nothing reads the partition. Runs with the caller's
@@ -386,6 +399,7 @@ begin
                 'bytea, integer, text) to %I', _role);
             execute format('grant select on public.can_inventory to %I', _role);
             execute format('grant execute on function public.can_frame_partitions(), '
+                'public.can_frame_outside(text), '
                 'public.can_frame_create_partitions(interval, interval, interval, timestamptz)'
                 ' to %I', _role);
         end if;

@@ -267,10 +267,17 @@ def test_a_role_that_may_only_insert_writes_and_keeps_partitions_but_cannot_drop
     assert any("retention needs the rights of can_frame's owner" in r.getMessage()
                for r in caplog.records)  # fmt: skip
     writer = make_writer(dsn, node="restricted", mode="copy")
-    writer.deliver(frames_at([datetime.now(timezone.utc)]))
-    wait_for(lambda: writer.counters()["wrote"] == 1, "rows written")
-    assert fetch(pg.dsn, "select node from public.can_frame") == [("restricted",)]
-    assert fetch(pg.dsn, "select node, frames from public.can_inventory") == [("restricted", 1)]
+    writer.deliver(
+        frames_at([datetime.now(timezone.utc), datetime(1999, 1, 1, tzinfo=timezone.utc)])
+    )
+    wait_for(lambda: writer.counters()["wrote"] == 2, "rows written")
+    assert fetch(pg.dsn, "select node from public.can_frame") == [("restricted",)] * 2
+    assert fetch(pg.dsn, "select node, sum(frames) from public.can_inventory group by 1") == [
+        ("restricted", 2)
+    ]
+    counter = keepers(dsn, node="restricted")
+    wait_for(lambda: counter.counters() == {"outside": 1}, "the DEFAULT partition counted")
+    assert not [r for r in caplog.records if "partition upkeep failed" in r.getMessage()]
 
 
 def test_a_plain_table_of_an_existing_database_is_written_as_before(

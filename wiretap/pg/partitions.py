@@ -190,9 +190,7 @@ class PartitionKeeper:
 
     def _count_outside(self) -> None:
         with self._conn.cursor() as cur:
-            cur.execute(
-                "select count(*) from public.can_frame_default where node = %s", (self._node,)
-            )
+            cur.execute("select public.can_frame_outside(%s)", (self._node,))
             self.outside = cur.fetchone()[0]
 
 
