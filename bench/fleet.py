@@ -15,7 +15,9 @@ asserts exact counts; this file's ``main`` prints the full figures:
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import random
 import re
 import signal
@@ -26,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
@@ -309,48 +311,91 @@ INDEX_VARIANTS = {
 }
 
 
-def _writer_rows_per_s(dsn: str, mode: str, rows: int, work: Path) -> float:
-    """One PgWriter alone, in a process of its own, storing ``rows`` queued frames."""
-    import multiprocessing
-
-    from bench import roles
-
-    context = multiprocessing.get_context("fork")
-    parent, child = context.Pipe()
-    spool = str(work / f"cost-{mode}-{time.monotonic_ns()}.db")
-    process = context.Process(target=roles.pg_rows, args=(child, dsn, mode, rows, spool))
-    process.start()
-    result = parent.recv()
-    process.join(10)
-    return result["rows_per_s"]
+def _backend_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a PostgreSQL backend (``/proc/<pid>/stat`` fields 14, 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def ingest_costs(cluster, work: Path, repeats: int = 3) -> Dict[str, Dict[str, int]]:
-    """Rows/s of one writer per mode with each index (or the inventory) taken away in turn; the
-    best of ``repeats`` runs, since a shared box only ever makes a run slower."""
-    rows = {"copy": 200_000, "insert": 60_000}
-    results: Dict[str, Dict[str, int]] = {}
-    for variant, statements in INDEX_VARIANTS.items():
-        dsn = cluster.create_database("costs", REPO / "init_schema.sql")
+def _batches(rows: int, batch: int) -> List[list]:
+    """Row tuples as the writer makes them: 40 IDs on two buses, 8-byte payloads, 250 µs apart."""
+    base_us = time.time_ns() // 1000
+    rng = random.Random(7)
+    ids = rng.sample(range(0x7FF), IDS_PER_NODE)
+    made = [
+        (base_us + n * 250, ids[n % IDS_PER_NODE], False, 8, False,
+         n.to_bytes(4, "big") + rng.randbytes(4), n % 2, "rx")
+        for n in range(rows)
+    ]  # fmt: skip
+    return [made[i : i + batch] for i in range(0, rows, batch)]
+
+
+class _CopyCapture:
+    """Stands in for a cursor to keep the COPY data the writer would send."""
+
+    data = b""
+
+    def copy_expert(self, _sql: str, data: Any, size: int = 0) -> None:
+        self.data = data.read()
+
+
+def _ingest_cost(dsn: str, mode: str, batches: List[list]) -> Dict[str, float]:
+    """Backend CPU µs per row (what the database pays, hardly moved by other load on the box)
+    and rows/s, writing ``batches`` the way the writer does, one transaction each."""
+    from wiretap.pg import writer as pgwriter
+
+    render = pgwriter.TimestampText()
+    payloads = []
+    for rows in batches:
+        if mode == "copy":
+            capture = _CopyCapture()
+            pgwriter.PgWriter._copy(None, capture, rows)
+            payloads.append(capture.data)
+        else:
+            values = ",".join(pgwriter.render_row(render(r[0]), r, False).getquoted().decode()
+                              for r in rows)  # fmt: skip
+            payloads.append(pgwriter.INSERT_SQL.replace("%s", values))
+    conn = psycopg2.connect(dsn)
+    with conn.cursor() as cur:
+        cur.execute("select set_config('wiretap.node', 'cost', false)")
+    conn.commit()
+    pid = conn.get_backend_pid()
+    cpu, began = _backend_cpu_s(pid), time.perf_counter()
+    with conn.cursor() as cur:
+        for payload in payloads:
+            if mode == "copy":
+                cur.copy_expert(pgwriter.COPY_SQL, io.BytesIO(payload))
+            else:
+                cur.execute(payload)
+            conn.commit()
+    wall, cpu = time.perf_counter() - began, _backend_cpu_s(pid) - cpu
+    conn.close()
+    count = sum(len(rows) for rows in batches)
+    return {"cpu_us_per_row": round(cpu * 1e6 / count, 2), "rows_per_s": round(count / wall)}
+
+
+def ingest_costs(cluster: Any, rows: int = 200_000, repeats: int = 3) -> Dict[str, dict]:
+    """What the database pays per row with each index (or the inventory) taken away in turn,
+    and on the plain table: the best of ``repeats`` runs per mode, batches of 1,000 rows."""
+    batches = _batches(rows, 1000)
+    variants = dict(INDEX_VARIANTS, plain_table=())
+    results: Dict[str, dict] = {}
+    for variant, statements in variants.items():
+        schema = PLAIN_SCHEMA if variant == "plain_table" else REPO / "init_schema.sql"
+        dsn = cluster.create_database("costs", schema)
         for statement in statements:
             cluster.psql("-d", "costs", "-c", statement)
         results[variant] = {}
-        for mode, count in rows.items():
-            best = 0.0
+        for mode in ("copy", "insert"):
+            runs = []
             for _ in range(repeats):
-                cluster.psql("-d", "costs", "-c", "truncate public.can_frame, public.can_inventory")
-                best = max(best, _writer_rows_per_s(dsn, mode, count, work))
-            results[variant][mode] = round(best)
+                cluster.psql("-d", "costs", "-c", "truncate public.can_frame")
+                runs.append(_ingest_cost(dsn, mode, batches))
+            results[variant][mode] = {
+                "cpu_us_per_row": min(run["cpu_us_per_row"] for run in runs),
+                "rows_per_s": max(run["rows_per_s"] for run in runs),
+            }
         _log(f"  {variant}: {results[variant]}")
-    dsn = cluster.create_database("costs", PLAIN_SCHEMA)
-    results["plain_table"] = {}
-    for mode, count in rows.items():
-        best = 0.0
-        for _ in range(repeats):
-            cluster.psql("-d", "costs", "-c", "truncate public.can_frame")
-            best = max(best, _writer_rows_per_s(dsn, mode, count, work))
-        results["plain_table"][mode] = round(best)
-    _log(f"  plain_table: {results['plain_table']}")
     return results
 
 
@@ -386,8 +431,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with tempfile.TemporaryDirectory(prefix="wiretap-fleet-") as tmp:
             work = Path(tmp)
             if args.costs:
-                _log("ingest cost of each index and of the inventory (one writer, best of 3)")
-                figures["ingest_costs"] = ingest_costs(cluster, work)
+                _log("ingest cost of each index and of the inventory (backend CPU, best of 3)")
+                figures["ingest_costs"] = ingest_costs(cluster)
             drills = []
             layouts = [("partitioned", cluster.dsn)]
             if args.plain:
