@@ -59,7 +59,8 @@ def write_log(path: Path, index: int, rate: float) -> int:
             payload = (n & 0xFFFFFFFF).to_bytes(4, "big") + bytes(
                 rng.randrange(256) for _ in range(4)
             )
-            log.write(f"(1700000000.{round(n * step * 1e6):06d}) can{n % 2} {can_id:03X}#"
+            seconds, micros = divmod(round(n * step * 1e6), 1_000_000)
+            log.write(f"({1_700_000_000 + seconds}.{micros:06d}) can{n % 2} {can_id:03X}#"
                       f"{payload.hex().upper()}\n")  # fmt: skip
     return count
 

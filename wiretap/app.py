@@ -269,7 +269,7 @@ class App:
         if self.echo is not None:
             self.echo.stop(budget(1.0))
         if self.partitions is not None:
-            self.partitions.stop(budget(1.0))
+            self.partitions.stop(budget(0.5))
         if self.pg is not None:
             self.pg.stop(budget(timeout))
         self.stats.log_now()

@@ -71,12 +71,11 @@ class PartitionKeeper:
         self._thread = threading.Thread(target=self._run, name="pg-partitions", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 2.0) -> None:
+    def stop(self, timeout: float = 0.5) -> None:
+        """Ask the thread to end and wait at most ``timeout``. A statement it is in stays: not
+        ``conn.cancel()``, which holds the GIL while it connects to a database that may not
+        answer; the thread is a daemon, and its upkeep is safe to cut at any point."""
         self._stop.set()
-        conn = self._conn
-        if conn is not None:
-            with contextlib.suppress(psycopg2.Error):
-                conn.cancel()
         if self._thread is not None:
             self._thread.join(timeout)
 
