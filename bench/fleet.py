@@ -20,6 +20,7 @@ import json
 import os
 import random
 import re
+import resource
 import signal
 import statistics
 import sys
@@ -97,6 +98,7 @@ class Drill:
     rows: int
     rows_per_s: float  # rows committed while the drill ran (by ingest_ts) / its length
     max_backlog_s: float
+    servers_cpu_us_per_frame: float  # the servers' CPU time (all threads) per frame read
     exactly_once: bool  # every frame read is stored once (per node where rows say the node)
     per_node: List[NodeResult]
 
@@ -114,6 +116,7 @@ def run_drill(
     """``nodes`` servers replaying at ``rate`` frames/s each for ``seconds``, then SIGTERM."""
     names = [node_name(node_offset + i) for i in range(nodes)]
     servers: List[ServerProcess] = []
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         for index, name in enumerate(names):
             log = _log_for(work, node_offset + index, rate)
@@ -135,6 +138,8 @@ def run_drill(
         codes = [server.exit_code(60) for server in servers]
         if any(codes):
             raise RuntimeError(f"servers exited with {codes}")
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        servers_cpu = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
         has_node = _query_one(
             dsn, "select count(*) from pg_attribute where attrelid = 'public.can_frame'::regclass"
             " and attname = 'node'"
@@ -166,6 +171,7 @@ def run_drill(
         rows=rows,
         rows_per_s=round(in_window / (ended_wall - started_wall)),
         max_backlog_s=max(result.backlog_s for result in per_node),
+        servers_cpu_us_per_frame=round(servers_cpu * 1e6 / max(read, 1), 1),
         exactly_once=exactly_once,
         per_node=per_node,
     )
@@ -475,7 +481,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     drill = run_drill(dsn, work, args.nodes, args.seconds, args.rate, mode, layout)
                     _log(f"  {drill.rows:,} rows, {drill.rows_per_s:,} rows/s, writers at most"
                          f" {drill.max_backlog_s} s behind at the end, exactly once:"
-                         f" {drill.exactly_once}")  # fmt: skip
+                         f" {drill.exactly_once}, servers' CPU"
+                         f" {drill.servers_cpu_us_per_frame} us/frame")  # fmt: skip
                     drills.append(asdict(drill))
                     if layout == "plain":
                         cluster.psql("-d", "plain", "-c", "truncate public.can_frame")
