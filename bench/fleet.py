@@ -120,11 +120,13 @@ def run_drill(
     try:
         for index, name in enumerate(names):
             log = _log_for(work, node_offset + index, rate)
-            (work / name).mkdir(exist_ok=True)
+            # A spool of its own per drill: what one drill left must not drain into the next.
+            state = work / f"{mode}-{layout}" / name
+            state.mkdir(parents=True, exist_ok=True)
             servers.append(ServerProcess(
                 "--port", "0", "--stats-interval", "1", "--iface", f"replay:{log}",
                 "--replay-loop", "--node", name, "--pg-enable", "--pg-dsn", dsn,
-                "--pg-mode", mode, env={"STATE_DIRECTORY": str(work / name)},
+                "--pg-mode", mode, env={"STATE_DIRECTORY": str(state)},
             ))  # fmt: skip
         for server in servers:
             server.wait_line("connected to PostgreSQL", timeout=120)
