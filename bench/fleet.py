@@ -83,7 +83,7 @@ class NodeResult:
     stored: int  # rows of this node in the table
     duplicates: int  # rows of this node stored more than once (same ts)
     backlog_frames: int  # queued + spooled in its last stats line before SIGTERM
-    backlog_s: float  # that backlog in seconds of its reading rate then
+    backlog_s: float  # that backlog in seconds of its recent reading rate
     row_lag_s: float  # worst ingest_ts - ts of its rows in the last seconds (replay lateness too)
 
 
@@ -183,13 +183,20 @@ STATS_FIELD = re.compile(r" (fps|queued|spooled)=([\d.]+)")
 
 
 def _result(
-    dsn: str, name: str, server: ServerProcess, before_stop: List[str], has_node: bool
+    dsn: str,
+    name: str,
+    server: ServerProcess,
+    before_stop: List[str],
+    has_node: bool,
 ) -> NodeResult:
     read, _enq, wrote, dropped, spooled = map(int, STATS.search(server.final_stats()).groups())
     periodic = [line for line in before_stop if " stats rx=" in line]
     last = dict(STATS_FIELD.findall(periodic[-1])) if periodic else {}
     backlog = int(last.get("queued", 0)) + int(last.get("spooled", 0))
-    backlog_s = backlog / max(float(last.get("fps", 0)), 1.0)
+    # In seconds of the node's reading rate over its last ten stats lines: a starved process's
+    # last one-second fps alone can be near 0.
+    recent = [float(dict(STATS_FIELD.findall(line)).get("fps", 0)) for line in periodic[-10:]]
+    backlog_s = backlog / max(statistics.mean(recent) if recent else 0.0, 1.0)
     stored = duplicates = -1  # the plain layout has no node column: run_drill counts its total
     lag = 0.0
     if has_node:
