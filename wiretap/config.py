@@ -460,7 +460,8 @@ class KeyReference(NamedTuple):
 
 
 def key_reference() -> List[KeyReference]:
-    """Every key in table order with its default, accepted values, flag and help text."""
+    """Every key in table order with its default, accepted values, flag and help text (empty
+    where its converter has no ``@_accepts`` label, or a key without a flag no help entry)."""
     flags = {flag.key: flag for flag in _FLAGS}
     entries = []
     for name in ALL_KEYS:
@@ -470,9 +471,7 @@ def key_reference() -> List[KeyReference]:
         flag = flags.get(name)
         if flag is None:
             options: Tuple[str, ...] = ()
-            if name not in _FILE_ONLY_HELP:
-                raise KeyError(f"{name} has neither a flag nor an entry in _FILE_ONLY_HELP")
-            help_text = _FILE_ONLY_HELP[name]
+            help_text = _FILE_ONLY_HELP.get(name, "")
         else:
             options = flag.options[:1]
             if flag.metavar is None:
@@ -482,7 +481,7 @@ def key_reference() -> List[KeyReference]:
             KeyReference(
                 name=name,
                 default="unset" if default is None else _show(name, default),
-                accepts=converters[key].accepts,  # type: ignore[attr-defined]
+                accepts=getattr(converters[key], "accepts", ""),
                 options=options,
                 metavar=flag.metavar if flag else None,
                 help=help_text,
