@@ -128,11 +128,21 @@ def test_relative_links_and_anchors_resolve(path: Path) -> None:
     assert broken == []
 
 
+REPO_PATH = re.compile(r"(?<![\w/.-])((?:scripts|tests|examples|docs|bench|wiretap)/[\w./-]*\w)")
+
+
+@pytest.mark.parametrize("path", MARKDOWN, ids=lambda path: str(path.relative_to(REPO)))
+def test_files_the_docs_name_exist(path: Path) -> None:
+    named = set(REPO_PATH.findall(path.read_text(encoding="utf-8")))
+    assert sorted(name for name in named if not (REPO / name).exists()) == []
+
+
 def test_the_link_check_sees_links_and_anchors() -> None:
     readme_links = [t for _, line in prose_lines(README) for t in LINK.findall(line)]
     assert any(target.startswith("docs/") for target in readme_links)
     assert any(target.startswith("#") for target in readme_links)
     assert "troubleshooting" in anchors(README)
+    assert {"scripts/run.sh", "scripts/test.sh"} <= set(REPO_PATH.findall(README.read_text()))
 
 
 def test_the_first_60_lines_of_the_readme_get_a_newcomer_to_savvycan() -> None:
