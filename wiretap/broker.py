@@ -114,6 +114,11 @@ class Broker:
         self.frames_in = 0
         self.overflow = DropReporter("broker")
 
+    @property
+    def pending(self) -> int:
+        """Frames published and not yet handed to the consumers."""
+        return self._queued_frames
+
     def register(self, consumer: Consumer) -> None:
         with self._consumers_lock:
             self._consumers = self._consumers + [consumer]

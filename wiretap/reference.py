@@ -33,8 +33,9 @@ _ENVIRONMENT = """\
 
 - `PG_DSN` overrides `[postgres] dsn`, and `--pg-dsn` overrides it: it keeps the database
   password out of files and command lines.
-- `STATE_DIRECTORY`, which systemd sets from the unit's `StateDirectory=`, is where the spool
-  goes when `cache_path` is empty.
+- Where the spool goes when `cache_path` is empty: `$STATE_DIRECTORY`, which systemd sets from
+  the unit's `StateDirectory=` (`/var/lib/wiretap-server`); else `$XDG_STATE_HOME/wiretap-server`
+  or `~/.local/state/wiretap-server`; else the working directory. The file is `wiretap-spool.db`.
 """
 
 _TABLE_HEAD = "| key | default | accepts | flag | what it sets |\n|---|---|---|---|---|\n"
