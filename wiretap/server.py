@@ -11,7 +11,8 @@ Each client has an outbox: replies to its commands go out ahead of any queued fr
 SavvyCAN keepalive must never wait behind frames), and frame data is bounded (256 KB; beyond it
 the client loses frames, counted). The kernel's send buffer is kept small (~64 KB). Neither bounds
 what waits in the *client's* receive queue, which its kernel grows to megabytes: for clients
-that send keepalives like SavvyCAN, the connection's flow-control window does (docs/gvret.md §3).
+that send keepalives like SavvyCAN, the connection's flow-control window does, and their writer
+paces frame data (``gvret.PACE_BYTES`` per ``gvret.PACE_INTERVAL_S``; docs/gvret.md §3).
 """
 
 from __future__ import annotations
@@ -42,11 +43,24 @@ SEND_BUFFER = 32 * 1024  # the kernel doubles it: ~64 KB in this side's send que
 OUTBOX_FRAME_BYTES = 256 * 1024
 REPLY_BYTES = 64 * 1024  # unread replies: a client that only sends keepalives must not pin memory
 WRITE_CHUNK = 16 * 1024
+# A quiet bus's write: up to ~12 classic frames. Written at once by whoever queues it into an
+# idle outbox (more, from a busy bus, goes to the client's writer thread, whose send overlaps
+# the dispatcher's work), and a paced client gets it without waiting for its interval: a bus that
+# brings under 256 B per 2 ms coalescing window brings less than 128 KB/s, far below the pace.
+QUIET_WRITE_BYTES = 256
 STALL_TIMEOUT_S = 30.0
 SOCKET_POLL_S = 0.5
 BEACON_PORT = 17222
 BEACON_PAYLOAD = b"\x1c\xef\xac\xed"
-REFUSAL_LOG_INTERVAL_S = 10.0
+# A peer that vanished (Wi-Fi out of range, power cut) sends no FIN: keepalive probes from 10 s of
+# silence, then every 5 s, and TCP_USER_TIMEOUT ending the connection once 30 s pass with nothing
+# acknowledged (it also bounds probes, and data left unacknowledged while frames are sent).
+KEEPALIVE_IDLE_S = 10
+KEEPALIVE_INTERVAL_S = 5
+KEEPALIVE_PROBES = 4
+USER_TIMEOUT_MS = 30_000
+LISTEN_BACKLOG = 1024  # socketserver's 5 made every sixth quick connect wait a SYN retransmit
+REFUSAL_LOG_INTERVAL_S = 10.0  # each kind of line a client can trigger: at most one per 10 s
 SIOCOUTQ = termios.TIOCOUTQ  # <linux/sockios.h>: SIOCOUTQ is TIOCOUTQ
 SIOCOUTQ_VALUE = struct.Struct("i")
 """The ``int`` that ``ioctl(SIOCOUTQ)`` fills in: bytes in the send queue not yet acknowledged."""
@@ -60,42 +74,86 @@ SetBitrate = Callable[[int, int], str]
 
 
 class Outbox:
-    """One client's outgoing bytes: replies first, then bounded frame data."""
+    """One client's outgoing bytes: replies first, then bounded frame data.
 
-    def __init__(self, who: str, capacity: int = OUTBOX_FRAME_BYTES) -> None:
+    One party writes to the socket at a time: the writer thread, or (``send_now``) the thread
+    that puts a reply or a little frame data into an outbox that is empty and idle, which writes
+    it at once without waking the writer. A write that does not go through whole leaves the rest
+    at the head, sent before anything else (it may end halfway through a message).
+    """
+
+    def __init__(
+        self,
+        who: str,
+        capacity: int = OUTBOX_FRAME_BYTES,
+        send_now: Optional[Callable[[bytes], int]] = None,
+    ) -> None:
         self.capacity = capacity
         self.drops = DropReporter(f"client {who}")
+        self._send_now = send_now
+        self._head = b""
         self._replies: Deque[bytes] = collections.deque()
         self._frames: Deque[bytes] = collections.deque()
         self._frame_bytes = 0
         self._reply_bytes = 0
+        self._writing = False  # the writer thread or a send_now write owns the socket
+        self._writing_now = False  # a send_now write is in progress
         self._ready = threading.Condition(threading.Lock())
         self.closed = False
+        self.frames_from = 0.0
+        """Monotonic time before which no frame data may be written (a paced client)."""
+
+    def _idle(self) -> bool:
+        return not (self._writing or self._head or self._replies or self._frames or self.closed)
 
     def put_reply(self, data: bytes) -> bool:
         """Queue a reply; False when the client has left ``REPLY_BYTES`` of replies unread."""
         with self._ready:
-            if self._reply_bytes + len(data) > REPLY_BYTES:
+            if self._send_now is not None and self._idle():
+                self._writing = self._writing_now = True
+            elif self._reply_bytes + len(data) > REPLY_BYTES:
                 return False
-            self._replies.append(data)
-            self._reply_bytes += len(data)
-            self._ready.notify()
-            return True
+            else:
+                self._replies.append(data)
+                self._reply_bytes += len(data)
+                self._ready.notify()
+                return True
+        self._write_now(data)
+        return True
 
     def put_frames(self, data: bytes, count: int) -> bool:
         """Queue encoded frames; False (and counted as dropped) when the client is too far
         behind."""
+        direct = False
         with self._ready:
             if self._frame_bytes + len(data) > self.capacity:
                 accepted = False
             else:
-                self._frames.append(data)
-                self._frame_bytes += len(data)
-                self._ready.notify()
                 accepted = True
-        if not accepted:
+                if len(data) <= QUIET_WRITE_BYTES and self._send_now is not None and self._idle():
+                    self._writing = self._writing_now = direct = True
+                else:
+                    self._frames.append(data)
+                    self._frame_bytes += len(data)
+                    self._ready.notify()
+        if direct:
+            self._write_now(data)
+        elif not accepted:
             self.drops.add(count)
         return accepted
+
+    def _write_now(self, data: bytes) -> None:
+        assert self._send_now is not None
+        try:
+            sent = self._send_now(data)
+        except OSError:
+            sent = 0  # a full socket, or a broken one: the writer thread sees which
+        with self._ready:
+            self._writing = self._writing_now = False
+            if sent < len(data):
+                self._head = data[sent:]
+            if not self._idle():
+                self._ready.notify_all()
 
     @property
     def frame_bytes(self) -> int:
@@ -117,26 +175,40 @@ class Outbox:
         return accepted
 
     def take(
-        self, timeout: float, limit: int = WRITE_CHUNK, frames_from: float = 0.0
+        self, timeout: Optional[float] = None, limit: int = WRITE_CHUNK, paced: bool = False
     ) -> Tuple[Optional[bytes], bool]:
-        """The next bytes to write and whether they are frame data: all waiting replies first;
-        else frame data up to about ``limit`` bytes, not before monotonic time ``frames_from``
-        (replies never wait for it)."""
-        deadline = time.monotonic() + timeout
+        """The next bytes to write and whether they are frame data: the rest of a cut write
+        first, then all waiting replies; else frame data up to about ``limit`` bytes, for a
+        ``paced`` client not before :attr:`frames_from` unless at most ``QUIET_WRITE_BYTES``
+        are queued (replies never wait for it). None once
+        closed, or after ``timeout`` s (None: no limit) with nothing to write. The caller owns
+        the socket until it calls :meth:`written`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._ready:
             while True:
-                if self._replies:
-                    data = b"".join(self._replies)
-                    self._replies.clear()
-                    self._reply_bytes = 0
-                    return data, False
+                if not self._writing:
+                    if self._head:
+                        data, self._head = self._head, b""
+                        self._writing = True
+                        return data, False
+                    if self._replies:
+                        data = b"".join(self._replies)
+                        self._replies.clear()
+                        self._reply_bytes = 0
+                        self._writing = True
+                        return data, False
                 now = time.monotonic()
-                if self._frames and now >= frames_from:
+                small = self._frame_bytes <= QUIET_WRITE_BYTES
+                frames_from = self.frames_from if paced and not small else 0.0
+                if self._frames and now >= frames_from and not self._writing:
                     break
-                if self.closed or now >= deadline:
+                if self.closed or (deadline is not None and now >= deadline):
                     return None, False
-                wake = deadline if not self._frames else min(deadline, frames_from)
-                self._ready.wait(wake - now)
+                wake = deadline
+                if self._frames and not self._writing and frames_from > now:
+                    wake = frames_from if wake is None else min(wake, frames_from)
+                self._ready.wait(None if wake is None else wake - now)
+            self._writing = True
             parts: List[bytes] = []
             size = 0
             while self._frames and (not parts or size + len(self._frames[0]) <= limit):
@@ -146,10 +218,28 @@ class Outbox:
             self._frame_bytes -= size
             return (parts[0] if len(parts) == 1 else b"".join(parts)), True
 
+    def written(self, frames_from: Optional[float] = None) -> None:
+        """The bytes :meth:`take` returned are written; a paced client's next frame data is due
+        at ``frames_from``."""
+        with self._ready:
+            self._writing = False
+            if frames_from is not None:
+                self.frames_from = frames_from
+
     def close(self) -> None:
         with self._ready:
             self.closed = True
             self._ready.notify_all()
+
+    def close_then(self, release: Callable[[], None]) -> None:
+        """Close, wait for a ``send_now`` write in progress (it never blocks), then call
+        ``release`` (which closes what ``send_now`` writes to) while no new one can start."""
+        with self._ready:
+            self.closed = True
+            self._ready.notify_all()
+            while self._writing_now:
+                self._ready.wait()
+            release()
 
 
 def unsent_in_kernel(sock: socket.socket) -> int:
@@ -189,10 +279,15 @@ class ClientConnection:
             origin=self.token,
             now=time.monotonic(),
         )
-        self.outbox = Outbox(who)
+        # A non-blocking twin of the socket: whoever fills an idle outbox writes through it at
+        # once (the socket itself has a timeout, so its send would poll first and could wait).
+        self._direct = sock.dup()
+        self._direct.setblocking(False)
+        self.outbox = Outbox(who, send_now=self._direct.send)
         self.logs = logs
         self.frames_sent = 0
         self.tx_refused = 0
+        self.lost: Optional[str] = None  # why the connection broke, when it did
         self._fd_skip_logged = False
         self._writer = threading.Thread(target=self._write_loop, name=f"writer-{who}", daemon=True)
 
@@ -226,6 +321,7 @@ class ClientConnection:
         self.outbox.close()
         if self._writer.is_alive() and threading.current_thread() is not self._writer:
             self._writer.join(timeout)
+        self.outbox.close_then(self._direct.close)
 
     def receive(self, data: bytes) -> List[gvret.ConnectionEvent]:
         """The protocol's events for bytes the client sent."""
@@ -294,23 +390,33 @@ class ClientConnection:
         sock = self.sock
         outbox = self.outbox
         protocol = self.protocol
-        frames_from = 0.0
         try:
             while True:
-                if protocol.paced:
-                    data, frames = outbox.take(SOCKET_POLL_S, gvret.PACE_BYTES, frames_from)
+                paced = protocol.paced
+                if paced:
+                    data, frames = outbox.take(SOCKET_POLL_S, gvret.PACE_BYTES, paced=True)
                 else:
-                    data, frames = outbox.take(SOCKET_POLL_S)
+                    data, frames = outbox.take()
                 if data is None:
                     if outbox.closed:
                         return
                     continue
                 if not self._send_all(data):
                     return
-                if frames:
-                    frames_from = time.monotonic() + gvret.PACE_INTERVAL_S
+                if frames and paced and len(data) > QUIET_WRITE_BYTES:
+                    # On a schedule, not an interval after each write: a writer woken late
+                    # may send the next piece at once (at most one), so that the pace holds
+                    # on a busy machine; it never makes up for more than one interval.
+                    now = time.monotonic()
+                    outbox.written(
+                        max(outbox.frames_from, now - gvret.PACE_INTERVAL_S)
+                        + gvret.PACE_INTERVAL_S * len(data) / gvret.PACE_BYTES
+                    )
+                else:
+                    outbox.written()
         except OSError as exc:
-            log.debug("client %s: write failed: %s", self.who, exc)
+            if not outbox.closed:  # not the server's own shutdown of the socket
+                self.lost = exc.strerror or str(exc)
         finally:
             # Wake the handler thread (blocked in recv) so the connection ends as one.
             with contextlib.suppress(OSError):
@@ -323,7 +429,9 @@ class ClientConnection:
         while view:
             try:
                 sent = self.sock.send(view)
-            except socket.timeout:
+            except socket.timeout as exc:
+                if not _poll_timeout(exc):
+                    raise
                 if self.outbox.closed:
                     return False
                 if time.monotonic() - last_progress > STALL_TIMEOUT_S:
@@ -347,6 +455,7 @@ class ClientHub:
         self.start_ns = start_ns
         self._clients: Tuple[ClientConnection, ...] = ()
         self._lock = threading.Lock()
+        self.closed = False
         self.dropped_by_gone_clients = 0
         self.refused_by_gone_clients = 0
 
@@ -354,9 +463,21 @@ class ClientHub:
     def clients(self) -> Tuple[ClientConnection, ...]:
         return self._clients
 
-    def add(self, client: ClientConnection) -> None:
+    def add(self, client: ClientConnection) -> bool:
+        """Registers ``client``; False once :meth:`close` was called (the caller then ends the
+        connection itself)."""
         with self._lock:
+            if self.closed:
+                return False
             self._clients = self._clients + (client,)
+            return True
+
+    def close(self) -> Tuple[ClientConnection, ...]:
+        """Closes the door: no client is added from now on. Returns every client added before,
+        so that the caller can end them all; a handler that comes later ends its own."""
+        with self._lock:
+            self.closed = True
+            return self._clients
 
     def remove(self, client: ClientConnection) -> None:
         with self._lock:
@@ -386,6 +507,7 @@ class GvretServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
     block_on_close = False
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(
         self,
@@ -398,6 +520,7 @@ class GvretServer(socketserver.ThreadingTCPServer):
         read_only: bool = False,
         allow: Iterable[str] = (),
         max_clients: int = 16,
+        handshake_timeout: float = 5.0,
         dialect: str = "auto",
         flow_control: str = "auto",
         set_bitrate: Optional[SetBitrate] = None,
@@ -411,6 +534,7 @@ class GvretServer(socketserver.ThreadingTCPServer):
         self.read_only = read_only
         self.allow = _parse_networks(allow)
         self.max_clients = max_clients
+        self.handshake_timeout = handshake_timeout
         self.fixed_dialect = None if dialect == "auto" else gvret.Dialect(dialect)
         self._active = 0
         self._active_lock = threading.Lock()
@@ -423,17 +547,29 @@ class GvretServer(socketserver.ThreadingTCPServer):
 
     def verify_request(self, request, client_address) -> bool:  # noqa: ANN001 (socketserver API)
         who = _address(client_address)
+        host = client_address[0]
+        # Keyed by the peer's host, not its port: each new connection has a new port, and a
+        # peer that connects in a loop must not get a line per connection.
         if self.allow:
-            peer = ipaddress.ip_address(client_address[0])
+            peer = ipaddress.ip_address(host)
             if peer.version == 6 and peer.ipv4_mapped:
                 peer = peer.ipv4_mapped
             if not any(peer in network for network in self.allow):
-                log.warning("client %s: refused, not in the allow list", who)
+                self.logs.log(
+                    (host, "not allowed"),
+                    logging.WARNING,
+                    "client %s: refused, not in the allow list",
+                    who,
+                )
                 return False
         with self._active_lock:
             if self._active >= self.max_clients:
-                log.warning(
-                    "client %s: refused, already serving max_clients=%d", who, self.max_clients
+                self.logs.log(
+                    (host, "max_clients"),
+                    logging.WARNING,
+                    "client %s: refused, already serving max_clients=%d",
+                    who,
+                    self.max_clients,
                 )
                 return False
             self._active += 1
@@ -459,6 +595,13 @@ class GvretServer(socketserver.ThreadingTCPServer):
         super().shutdown_request(request)
 
 
+def _poll_timeout(exc: OSError) -> bool:
+    """True for the socket's own timeout (nothing to read or write yet), False for a connection
+    the kernel timed out (ETIMEDOUT: keepalive or TCP_USER_TIMEOUT). Python 3.10 made both the
+    same class, ``TimeoutError``; only the errno tells them apart."""
+    return isinstance(exc, socket.timeout) and exc.errno is None
+
+
 def _address(client_address: Tuple) -> str:
     host, port = client_address[0], client_address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -476,6 +619,10 @@ class GvretHandler(socketserver.BaseRequestHandler):
         server = self.server
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         sock.settimeout(SOCKET_POLL_S)
         self.who = _address(self.client_address)
@@ -489,19 +636,40 @@ class GvretHandler(socketserver.BaseRequestHandler):
             flow_control=server.flow_control,
             logs=server.logs,
         )
+        self.served = False
 
     def handle(self) -> None:
         client = self.client
+        self.served = self.server.hub.add(client)
+        if not self.served:
+            return  # the server is shutting down: this connection is closed unserved
         log.info("client %s: connected", self.who)
         client.start_writer()
-        self.server.hub.add(client)
         sock = self.request
+        timeout = self.server.handshake_timeout
+        handshake_deadline = time.monotonic() + timeout if timeout else None
         while not client.outbox.closed:
+            if (
+                handshake_deadline is not None
+                and not client.streaming
+                and time.monotonic() >= handshake_deadline
+            ):
+                # Keyed by host: a scanner or a crowd of silent sockets costs one line per 10 s.
+                self.server.logs.log(
+                    (self.client_address[0], "no binary mode"),
+                    logging.WARNING,
+                    "client %s: closed, not in binary mode %g s after connecting "
+                    "(handshake_timeout)",
+                    self.who,
+                    timeout,
+                )
+                break
             try:
                 data = sock.recv(4096)
-            except socket.timeout:
-                continue
-            except OSError:
+            except OSError as exc:
+                if _poll_timeout(exc):
+                    continue
+                client.lost = exc.strerror or str(exc)
                 break
             if not data:
                 break
@@ -515,14 +683,18 @@ class GvretHandler(socketserver.BaseRequestHandler):
     def finish(self) -> None:
         client = self.client
         self.server.release(self.request)
+        if not self.served:
+            return
         self.server.hub.remove(client)
         client.stop_writer()
-        self.server.logs.forget(self.who)
+        suppressed = self.server.logs.forget(self.who)
         log.info(
-            "client %s: disconnected (%d frames sent, %d dropped)",
+            "client %s: disconnected (%d frames sent, %d dropped%s%s)",
             self.who,
             client.frames_sent,
             client.dropped,
+            f", {suppressed} log lines suppressed" if suppressed else "",
+            f", connection lost: {client.lost}" if client.lost else "",
         )
 
     def _handle_events(self, events: List[gvret.ConnectionEvent]) -> bool:
@@ -605,8 +777,15 @@ class GvretHandler(socketserver.BaseRequestHandler):
                 exc,
             )
             return
-        log.warning(
-            "client %s: asked for bus %d at %d bit/s: %s", who, event.bus, event.bitrate, done
+        # A client that alternates two speeds in a loop must not get a line per change.
+        self.server.logs.log(
+            (who, f"bitrate-set-{event.bus}"),
+            logging.WARNING,
+            "client %s: asked for bus %d at %d bit/s: %s",
+            who,
+            event.bus,
+            event.bitrate,
+            done,
         )
 
     def _transmit(self, event: gvret.Transmit) -> None:
