@@ -250,7 +250,7 @@ class PgWriter:
         self.config_problem = ""  # the current configuration mistake, for status pages
         self.connects = 0  # connection attempts
 
-    # -- broker side (dispatcher thread) --------------------------------------------------------
+    # -- broker side (one delivering thread at a time) ------------------------------------------
 
     def deliver(self, frames: Sequence[Frame]) -> None:
         """Queue frames for the writer thread; drops and counts what does not fit. Never blocks."""
