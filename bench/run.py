@@ -10,6 +10,7 @@ bench/roles.py; the throw-away PostgreSQL comes from tests/pgcluster.py.
     python bench/run.py --low-rate      # only the low-rate section (about 2 minutes)
     python bench/run.py --savvycan      # a model SavvyCAN at 1x and 5x a saturated bus (~90 s)
     python bench/run.py --cpu --cpu-trees ../old .   # CPU per frame by stage, two commits
+    python bench/run.py --cpu --deep-seam 1000       # ... with a seam as deep as a CAN socket
 
 Rates are asked of the feeder; a phase passes when the feeder achieved at least 97 % of the asked
 rate (the seam is blocking, so a reader that falls behind slows the feeder rather than losing
