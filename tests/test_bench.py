@@ -31,3 +31,28 @@ def test_quick_bench_loses_nothing(tmp_path: Path) -> None:
     assert figures["client_errors"] == []
     assert figures["keepalives"] > 0
     assert "| loss per client" in result.stdout
+
+
+def test_each_server_thread_counts_in_its_stage() -> None:
+    from bench import roles
+
+    stages = roles.stage_cpu(
+        {
+            "reader-can0": 1.0,
+            "dispatcher": 2.0,
+            "writer-127.0.0.1:5000": 0.5,
+            "writer-127.0.0.1:5001": 0.25,
+            "Thread-3 (process_request_thread)": 0.125,
+            "pg-writer": 4.0,
+            "pg-keeper": 8.0,
+            "MainThread": 16.0,
+        }
+    )
+    assert stages == {
+        "reader": 1.0,
+        "dispatch+encode": 2.0,
+        "send": 0.75,
+        "handlers": 0.125,
+        "db writer": 4.0,
+        "other": 24.0,
+    }
