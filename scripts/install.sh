@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs what WireTAP Server needs to run, idempotently: Python's venv module (Debian package
-# python3-venv) and can-utils when missing, then .venv with requirements.txt.
+# python3-venv) and can-utils when missing, then .venv with requirements.txt, and notes the git
+# commit in wiretap/BUILD_COMMIT for --version when the code is later run without its .git.
 #   scripts/install.sh            runtime only
-#   scripts/install.sh --dev      also the test tools (requirements-dev.txt)
+#   scripts/install.sh --dev      also the test tools (requirements-dev.txt, Chromium for the
+#                                 status page's browser test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +15,9 @@ as_root() {
 packages=()
 python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv python3-pip)
 command -v candump >/dev/null || packages+=(can-utils)
+if [ "${1:-}" = "--dev" ]; then
+    command -v chromium >/dev/null || packages+=(chromium)
+fi
 if [ ${#packages[@]} -gt 0 ]; then
     echo "install: apt-get install ${packages[*]}"
     as_root apt-get update -qq
@@ -24,3 +29,7 @@ fi
 requirements=requirements.txt
 [ "${1:-}" = "--dev" ] && requirements=requirements-dev.txt
 .venv/bin/python -m pip install -q --disable-pip-version-check -r "$requirements"
+
+if commit=$(git describe --always --dirty --abbrev=12 2>/dev/null); then
+    echo "$commit" > wiretap/BUILD_COMMIT
+fi

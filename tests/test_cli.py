@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Dict, List
 import pytest
 
 import wiretap
+from wiretap import buildinfo
 from wiretap.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,7 +72,7 @@ def test_check_config_reports_every_error_and_exits_2(tmp_path: Path) -> None:
 def test_python_dash_m_prints_the_version(tmp_path: Path) -> None:
     result = run([sys.executable, "-m", "wiretap", "--version"], cwd=REPO, extra_env={})
     assert result.returncode == 0
-    assert result.stdout == f"wiretap-server {wiretap.__version__}\n"
+    assert result.stdout == f"{buildinfo.describe()}\n"
 
 
 def test_entry_point_works_through_a_symlink(tmp_path: Path) -> None:
@@ -78,7 +80,7 @@ def test_entry_point_works_through_a_symlink(tmp_path: Path) -> None:
     link.symlink_to(ENTRY_POINT)
     result = run([str(link), "--version"], cwd=tmp_path, extra_env={})
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"wiretap-server {wiretap.__version__}\n"
+    assert result.stdout == f"{buildinfo.describe()}\n"
 
 
 def test_entry_point_is_an_executable_python3_script() -> None:
@@ -105,7 +107,7 @@ def test_main_reports_an_unknown_flag_as_a_config_error(capsys: pytest.CaptureFi
 
 def test_main_version_and_help_return_0(capsys: pytest.CaptureFixture) -> None:
     assert main(["--version"]) == 0
-    assert capsys.readouterr().out == f"wiretap-server {wiretap.__version__}\n"
+    assert capsys.readouterr().out == f"{buildinfo.describe()}\n"
     assert main(["--help"]) == 0
     help_text = capsys.readouterr().out
     for flag in ("--iface", "--pg-func", "--check-config", "--allow", "--replay-loop"):
@@ -121,3 +123,35 @@ def test_main_check_config_prints_describe(
     lines = capsys.readouterr().out.splitlines()
     assert "port = 0" in lines
     assert 'cache_path = "./wiretap-spool.db"' in lines
+
+
+def test_version_names_the_git_commit_of_a_checkout() -> None:
+    described = subprocess.run(
+        ["git", "-C", str(REPO), "describe", "--always", "--dirty", "--abbrev=12"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert buildinfo.commit() == described
+    assert buildinfo.describe() == f"wiretap-server {wiretap.__version__} (commit {described})"
+
+
+def test_a_copy_without_git_reads_the_commit_written_at_install(tmp_path: Path) -> None:
+    assert buildinfo._from_git(tmp_path) == ""
+    assert buildinfo._from_file(tmp_path / "BUILD_COMMIT") == ""
+    (tmp_path / "BUILD_COMMIT").write_text("0123456789ab\n")
+    assert buildinfo._from_file(tmp_path / "BUILD_COMMIT") == "0123456789ab"
+
+
+def test_a_copy_without_git_or_commit_file_says_unknown(tmp_path: Path) -> None:
+    copy = tmp_path / "wiretap-server"
+    copy.mkdir()
+    for name in ("wiretap-server.py", "wiretap"):
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, copy / name, ignore=shutil.ignore_patterns("BUILD_COMMIT"))
+        else:
+            (copy / name).write_bytes(source.read_bytes())
+    result = run([sys.executable, str(copy / "wiretap-server.py"), "--version"], tmp_path, {})
+    assert result.stdout == f"wiretap-server {wiretap.__version__} (commit unknown)\n"
+    (copy / "wiretap" / "BUILD_COMMIT").write_text("feedc0ffee12\n")
+    result = run([sys.executable, str(copy / "wiretap-server.py"), "--version"], tmp_path, {})
+    assert result.stdout == f"wiretap-server {wiretap.__version__} (commit feedc0ffee12)\n"

@@ -27,7 +27,8 @@ from .server import Beacon, ClientHub, GvretServer
 from .sources import Source, TransmitResult
 from .sources.replay import ReplaySource
 from .sources.socketcan import SocketCanSource
-from .stats import StatsReporter
+from .stats import StatsReporter, format_line
+from .systemd import Notifier
 
 log = logging.getLogger("wiretap.app")
 
@@ -91,6 +92,7 @@ class App:
         config: Config,
         socket_factories: Optional[Mapping[str, SocketFactory]] = None,
         sources: Optional[List[Source]] = None,
+        environ: Optional[Mapping[str, str]] = None,
     ) -> None:
         self.config = config
         self.start_ns = time.time_ns()
@@ -120,6 +122,12 @@ class App:
         self.server = self._bind()
         self.beacon = Beacon(config.server.beacon_address) if config.server.beacon else None
         self.stats = StatsReporter(config.logging.stats_interval, self.counters)
+        status_stats = StatsReporter(0, self.counters)  # its own fps, apart from the log line's
+        self.systemd = Notifier(
+            os.environ if environ is None else environ,
+            heartbeat=lambda: self.broker.heartbeat,
+            status_line=lambda: format_line(status_stats.snapshot()).removeprefix("stats "),
+        )
         self._server_thread = threading.Thread(
             target=self.server.serve_forever, args=(0.25,), name="gvret-accept", daemon=True
         )
@@ -211,6 +219,8 @@ class App:
         if self.beacon is not None:
             self.beacon.start()
         self.stats.start()
+        self.systemd.ready(f"listening on {self.config.server.host}:{self.port}")
+        self.systemd.start()
 
     def stop(self, timeout: float = SHUTDOWN_S) -> None:
         """Stop reading, deliver what was read, close clients, flush the database; all within
@@ -220,6 +230,8 @@ class App:
         def budget(at_most: float) -> float:
             return max(0.1, min(at_most, deadline - time.monotonic()))
 
+        self.systemd.stopping()
+        self.systemd.stop()
         self.stats.stop()
         if self.beacon is not None:
             self.beacon.stop()

@@ -32,6 +32,9 @@ MAX_DELIVERY = 2048  # frames per delivery: well inside a client's outbox (~13,0
 # Frames read but not yet dispatched, at most: ~28 s of a saturated 1 Mbit/s bus, ~50 MB. Only a
 # dispatcher that stopped keeping up (a consumer breaking the never-block rule) gets near it.
 MAX_QUEUED_FRAMES = 250_000
+# The dispatcher wakes at least this often when the buses are quiet, so that ``heartbeat`` shows
+# it is alive (the systemd watchdog is fed from it).
+HEARTBEAT_S = 0.5
 
 
 class Consumer(Protocol):
@@ -113,6 +116,7 @@ class Broker:
         self._thread = threading.Thread(target=self._dispatch, name="dispatcher", daemon=True)
         self.frames_in = 0
         self.overflow = DropReporter("broker")
+        self.heartbeat = time.monotonic()  # when the dispatcher last went round its loop
 
     def register(self, consumer: Consumer) -> None:
         with self._consumers_lock:
@@ -148,7 +152,11 @@ class Broker:
         get, get_nowait = self._queue.get, self._queue.get_nowait
         stopping = False
         while not stopping:
-            frames = get()
+            self.heartbeat = time.monotonic()
+            try:
+                frames = get(timeout=HEARTBEAT_S)
+            except queue.Empty:
+                continue
             if frames is None:
                 return
             if len(frames) < COALESCE_BELOW:

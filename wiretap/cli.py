@@ -14,6 +14,7 @@ import queue
 import sys
 from typing import Optional, Sequence
 
+from wiretap import buildinfo
 from wiretap.config import ConfigError, parse_args, resolve
 
 EXIT_CONFIG_ERROR = 2
@@ -36,6 +37,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from wiretap import app  # imported late: everything above works without the runtime parts
 
     listener = _log_to_stderr(config.logging.level)
+    if not args.check_config:
+        logging.getLogger("wiretap").info("%s starting", buildinfo.describe())
     try:
         try:
             # What only the sources know (how many buses a replay log brings) is configuration

@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-from wiretap import __version__
+from wiretap import buildinfo
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -413,8 +413,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="Print the resolved configuration (DSN password masked) and exit 0, or the errors "
         "and exit 2",
     )
-    parser.add_argument("--version", action="version", version=f"wiretap-server {__version__}")
+    parser.add_argument(
+        "--version", action=_VersionAction, help="Print the version and git commit, then exit"
+    )
     return parser
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the commit is looked up only when asked for (it may run ``git``)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any) -> None:
+        print(buildinfo.describe())
+        parser.exit()
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
