@@ -70,6 +70,11 @@ class PostgresConfig:
 
 
 @dataclass(frozen=True)
+class StatusConfig:
+    listen: str = ""  # "" = no status listener; "8023" = 127.0.0.1:8023
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "INFO"
     stats_interval: float = 60
@@ -80,6 +85,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     postgres: PostgresConfig = field(default_factory=PostgresConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
 
     def describe(self) -> str:
         """The resolved configuration as TOML, DSN password masked (``--check-config``)."""
@@ -255,6 +261,37 @@ def _networks(value: Any, textual: bool) -> Tuple[str, ...]:
     return tuple(entries)
 
 
+def split_listen(value: str) -> Tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or a bare port (on loopback) as ``(host, port)``;
+    ValueError if it is none of them."""
+    if value.isdigit():
+        host, port = "127.0.0.1", value
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(value)
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        ipaddress.ip_address(host)
+    if not 0 <= int(port) <= 65535:
+        raise ValueError(value)
+    return host, int(port)
+
+
+def _listen_address(value: Any, textual: bool) -> str:
+    text = _text(value, textual)
+    if text == "":
+        return text
+    try:
+        split_listen(text)
+    except ValueError:
+        raise _Invalid(
+            'expected "ADDRESS:PORT" such as "127.0.0.1:8023", "[::1]:8023" or a port '
+            '(on 127.0.0.1); "" = off'
+        ) from None
+    return text
+
+
 def _direction(value: Any, textual: bool) -> str:
     return _choice("rx", "tx")(value, textual)
 
@@ -303,6 +340,7 @@ _SECTIONS: Dict[str, Tuple[type, Dict[str, Convert]]] = {
             "stats_interval": _number(0, low_allowed=True),
         },
     ),
+    "status": (StatusConfig, {"listen": _listen_address}),
 }
 
 ALL_KEYS: Tuple[str, ...] = tuple(
@@ -361,6 +399,8 @@ _FLAGS: Tuple[_Flag, ...] = (
           "Frames the database writer may hold before spooling to disk"),
     _Flag(("--pg-dir",), "postgres.dir", "DIR",
           "Direction stored for frames read from the bus; unset = --default-dir"),
+    _Flag(("--status-listen",), "status.listen", "ADDR:PORT",
+          "Serve /metrics, /status and a status page over HTTP here (a bare port: on loopback)"),
     _Flag(("--log-level",), "logging.level", "LEVEL",
           "Log level: DEBUG, INFO, WARNING, ERROR or CRITICAL"),
     _Flag(("--stats-interval",), "logging.stats_interval", "SEC",
@@ -503,7 +543,7 @@ def _read_file(path: str, errors: List[str]) -> Dict[str, _Setting]:
         if not isinstance(table, dict):
             errors.append(
                 f"unknown top-level key {section} in {path}: keys belong in a "
-                f"[server], [postgres] or [logging] section{_suggest(section, ALL_KEYS)}"
+                f"[server], [postgres], [logging] or [status] section{_suggest(section, ALL_KEYS)}"
             )
         elif section not in _SECTIONS:
             errors.append(f"unknown section [{section}] in {path}{_suggest(section, _SECTIONS)}")

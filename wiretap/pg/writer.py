@@ -340,6 +340,13 @@ class PgWriter:
             "rejected": self.rejected,
         }
 
+    def oldest_queued_ns(self) -> Optional[int]:
+        """Receive time of the oldest frame waiting in memory, None when the queue is empty."""
+        try:
+            return self._queue[0].ts_ns
+        except IndexError:
+            return None
+
     # -- writer thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
