@@ -15,14 +15,14 @@ from typing import Callable, Tuple
 import pytest
 
 from wiretap.frames import CAN_MTU, CANFD_MTU, decode
-from wiretap.sources.socketcan import SO_TIMESTAMP, TIMEVAL_64, parse_ancillary
+from wiretap.sources.socketcan import TIMEVAL_64, enable_timestamps, parse_ancillary
 
 pytestmark = pytest.mark.vcan
 
 
 def open_raw(iface: str, fd: bool = False) -> socket.socket:
     sock = socket.socket(socket.AF_CAN, socket.SOCK_RAW, socket.CAN_RAW)
-    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
+    enable_timestamps(sock)
     if fd:
         sock.setsockopt(socket.SOL_CAN_RAW, socket.CAN_RAW_FD_FRAMES, 1)
     sock.settimeout(10)
@@ -33,8 +33,8 @@ def open_raw(iface: str, fd: bool = False) -> socket.socket:
 def receive(sock: socket.socket) -> Tuple[bytes, int, int]:
     """One frame: its bytes, ``msg_flags`` and the kernel timestamp in ns.
 
-    The timestamp is read by the source's own parser, which picks the ``struct timeval``
-    layout by size: 16 bytes on 64-bit kernels, 8 on 32-bit Raspberry Pi OS.
+    The timestamp is asked for and read the way the source does it (``SO_TIMESTAMP_NEW``,
+    16 bytes on every platform; ``SO_TIMESTAMP`` with the userland's ``time_t`` before Linux 5.1).
     """
     data, ancdata, flags, _ = sock.recvmsg(CANFD_MTU, socket.CMSG_SPACE(TIMEVAL_64.size))
     ts_ns, _drops = parse_ancillary(ancdata)

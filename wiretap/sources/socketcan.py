@@ -53,7 +53,8 @@ from . import (
 log = logging.getLogger("wiretap.socketcan")
 
 # <asm-generic/socket.h>; the socket module lacks some of these on older Pythons.
-SO_TIMESTAMP = 29
+SO_TIMESTAMP = 29  # SO_TIMESTAMP_OLD: a timeval of the userland's time_t (8 bytes on armhf)
+SO_TIMESTAMP_NEW = 63  # Linux 5.1+: always __kernel_sock_timeval, 64-bit seconds (y2038-safe)
 SO_RXQ_OVFL = 40
 SO_RCVBUFFORCE = 33
 # <linux/can/raw.h>
@@ -73,8 +74,9 @@ MSG_DONTROUTE = 0x04  # sent by another socket on this host (e.g. cansend)
 MSG_CONFIRM = 0x800  # sent by this very socket, echoed back with CAN_RAW_RECV_OWN_MSGS
 
 TIMEVAL_64 = struct.Struct("=qq")
-"""``struct timeval`` with 64-bit ``time_t`` (64-bit kernels, and 32-bit with time64): tv_sec,
-tv_usec."""
+"""``struct timeval`` with 64-bit ``time_t`` (64-bit userlands), and ``struct
+__kernel_sock_timeval { __s64 tv_sec; __s64 tv_usec; }`` that ``SO_TIMESTAMP_NEW`` delivers on
+every platform."""
 
 TIMEVAL_32 = struct.Struct("=ii")
 """``struct timeval`` with 32-bit ``time_t`` (32-bit Raspberry Pi OS): tv_sec, tv_usec."""
@@ -115,13 +117,26 @@ def parse_ancillary(ancdata: List[Tuple[int, int, bytes]]) -> Tuple[Optional[int
     for level, kind, data in ancdata:
         if level != socket.SOL_SOCKET:
             continue
-        if kind == SO_TIMESTAMP:
+        if kind in (SO_TIMESTAMP, SO_TIMESTAMP_NEW):
+            # Chosen by size, not by kind: qemu-user (7.2) answers SO_TIMESTAMP_NEW on armhf with
+            # an 8-byte SO_TIMESTAMP_OLD message, which a real kernel never does.
             layout = TIMEVAL_64 if len(data) >= TIMEVAL_64.size else TIMEVAL_32
             seconds, micros = layout.unpack_from(data)
             ts_ns = seconds * 1_000_000_000 + micros * 1000
         elif kind == SO_RXQ_OVFL:
             (drops,) = RXQ_OVFL_COUNT.unpack_from(data)
     return ts_ns, drops
+
+
+def enable_timestamps(sock: socket.socket) -> None:
+    """Asks for the kernel's receive time on ``sock``: ``SO_TIMESTAMP_NEW`` where the kernel has
+    it, so a 32-bit userland keeps its timestamps past 2038, else ``SO_TIMESTAMP``."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP_NEW, 1)
+    except OSError as exc:
+        if exc.errno != errno.ENOPROTOOPT:
+            raise
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
 
 
 def open_can_socket(ifname: str, can_fd: bool) -> socket.socket:
@@ -291,7 +306,7 @@ class SocketCanSource(Source):
             sock: Optional[socket.socket] = None
             try:
                 sock = self._open_socket()
-                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
+                enable_timestamps(sock)
                 sock.setblocking(False)
             except OSError as exc:
                 if sock is not None:
