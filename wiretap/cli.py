@@ -37,8 +37,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from wiretap import app  # imported late: everything above works without the runtime parts
 
     listener = _log_to_stderr(config.logging.level)
-    if not args.check_config:
-        logging.getLogger("wiretap").info("%s starting", buildinfo.describe())
     try:
         try:
             # What only the sources know (how many buses a replay log brings) is configuration
@@ -50,6 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.check_config:
             print(config.describe(), end="")
             return 0
+        logging.getLogger("wiretap").info("%s starting", buildinfo.describe())
         return app.run(config, sources)
     finally:
         listener.stop()

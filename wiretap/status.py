@@ -406,8 +406,9 @@ function chart(series, slots) {
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
   svg.setAttribute("viewBox", "0 0 300 60");
   svg.setAttribute("preserveAspectRatio", "none");
-  for (const [values, top, name] of series) {
-    if (values.length < 2) continue;
+  for (const [samples, top, name] of series) {
+    if (!samples.length) continue;
+    const values = samples.length > 1 ? samples : [samples[0], samples[0]];
     const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
     const step = 300 / (slots - 1), first = slots - values.length;
     line.setAttribute("points", values.map((v, i) =>

@@ -68,6 +68,7 @@ CAN_ERR_CNT = 0x00000200  # data[6] / data[7] hold the TX / RX error counters
 CAN_ERR_CRTL_RX_WARNING = 0x04
 CAN_ERR_CRTL_TX_WARNING = 0x08
 CAN_ERR_CRTL_ACTIVE = 0x40
+BUS_OFF_TX_ERRORS = 256  # the controller goes bus-off when its TX error counter passes 255
 STATE_LOG_INTERVAL_S = 10.0  # a bus flapping between states logs each state once per interval
 # <linux/socket.h>: how the kernel marks frames this host sent (net/can/raw.c raw_rcv()).
 MSG_DONTROUTE = 0x04  # sent by another socket on this host (e.g. cansend)
@@ -427,11 +428,15 @@ class SocketCanSource(Source):
         controller = data[1] if err_class & CAN_ERR_CRTL and len(data) > 1 else 0
         if err_class & CAN_ERR_BUSOFF:
             state = BUS_OFF
+            self._tx_errors = BUS_OFF_TX_ERRORS
         elif controller & (CAN_ERR_CRTL_RX_PASSIVE | CAN_ERR_CRTL_TX_PASSIVE):
             state = ERROR_PASSIVE
         elif controller & (CAN_ERR_CRTL_RX_WARNING | CAN_ERR_CRTL_TX_WARNING):
             state = ERROR_WARNING
-        elif controller & CAN_ERR_CRTL_ACTIVE or err_class & CAN_ERR_RESTARTED:
+        elif err_class & CAN_ERR_RESTARTED:
+            state = ERROR_ACTIVE
+            self._tx_errors = self._rx_errors = 0  # a restart resets the controller
+        elif controller & CAN_ERR_CRTL_ACTIVE:
             state = ERROR_ACTIVE
         else:
             return
@@ -448,8 +453,8 @@ class SocketCanSource(Source):
             else:
                 then = f", stays off until 'ip link set {self.name} type can restart'"
             self._state_log.log(
-                (self.name, state), logging.WARNING, "%s: bus-off (tx errors > 255)%s",
-                self.name, then,
+                (self.name, state), logging.WARNING, "%s: bus-off (tx errors %d)%s",
+                self.name, self._tx_errors, then,
             )  # fmt: skip
             return
         worse = CAN_STATES.index(state) > CAN_STATES.index(previous)
