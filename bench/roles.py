@@ -84,7 +84,8 @@ def serve(conn: Connection, argv: List[str], reader_end: socket.socket, pg_spool
         )
     app = App(config, {"can0": lambda: reader_end})
     app.start()
-    conn.send({"port": app.port, "start_ns": app.start_ns})
+    status_port = app.status.port if app.status is not None else None
+    conn.send({"port": app.port, "start_ns": app.start_ns, "status_port": status_port})
     while True:
         command = conn.recv()
         if command == "counters":

@@ -378,9 +378,11 @@ h2{font-size:15px;margin:0 0 6px;display:flex;align-items:center;gap:8px}
 .ok .dot{background:#2a9d3a}.bad .dot{background:#d62828}.warn .dot{background:#e9a100}
 table{border-collapse:collapse;width:100%}td,th{text-align:left;padding:2px 6px 2px 0}
 td.n{text-align:right;font-variant-numeric:tabular-nums}
-svg{width:100%;height:60px;background:#f8f9fb;border-radius:4px}
-.fps{stroke:#1565c0;fill:none;stroke-width:1.5}.load{stroke:#e07000;fill:none;stroke-width:1.5}
-.legend{font-size:12px;color:#666}.stale{opacity:.5}
+svg{width:100%;height:40px;background:#f8f9fb;border-radius:4px;display:block}
+polyline{fill:none;stroke-width:1.5;vector-effect:non-scaling-stroke}
+.fps polyline{stroke:#1565c0}.fps polygon{fill:#1565c022}
+.load polyline{stroke:#e07000}.load polygon{fill:#e0700022}
+.legend{font-size:12px;color:#666;margin-top:4px}.stale{opacity:.5}
 </style></head>
 <body>
 <header><h1>WireTAP Server</h1><span id="build"></span><span id="uptime"></span>
@@ -401,21 +403,22 @@ function duration(s) {
   const d = Math.floor(s / 86400), h = Math.floor(s % 86400 / 3600), m = Math.floor(s % 3600 / 60);
   return (d ? d + "d " : "") + (d || h ? h + "h " : "") + m + "m " + Math.floor(s % 60) + "s";
 }
-function chart(series, slots) {
+function chart(samples, top, slots, cls) {
   // Newest sample at the right edge; the width is the whole history window.
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
-  svg.setAttribute("viewBox", "0 0 300 60");
+  svg.setAttribute("viewBox", "0 0 300 40");
   svg.setAttribute("preserveAspectRatio", "none");
-  for (const [samples, top, name] of series) {
-    if (!samples.length) continue;
+  svg.setAttribute("class", cls);
+  if (samples.length) {
     const values = samples.length > 1 ? samples : [samples[0], samples[0]];
-    const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
     const step = 300 / (slots - 1), first = slots - values.length;
-    line.setAttribute("points", values.map((v, i) =>
-      ((first + i) * step).toFixed(1) + "," + (58 - 52 * Math.min(v / top, 1)).toFixed(1)
-    ).join(" "));
-    line.setAttribute("class", name);
-    svg.append(line);
+    const points = values.map((v, i) =>
+      ((first + i) * step).toFixed(1) + "," + (39 - 35 * Math.min(v / top, 1)).toFixed(1));
+    const area = document.createElementNS("http://www.w3.org/2000/svg", "polygon");
+    area.setAttribute("points", (first * step).toFixed(1) + ",40 " + points.join(" ") + " 300,40");
+    const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+    line.setAttribute("points", points.join(" "));
+    svg.append(area, line);
   }
   return svg;
 }
@@ -430,7 +433,7 @@ function render(s) {
     new Date().toLocaleTimeString();
   const main = document.getElementById("main");
   const cards = [];
-  const span = s.history.interval_seconds;
+  const minutes = fmt(s.history.samples * s.history.interval_seconds / 60, 0);
   for (const bus of s.buses) {
     const h = s.history.buses[String(bus.bus)] || {fps: [], load_ratio: []};
     const fpsTop = Math.max(1, ...h.fps) * 1.1, loadTop = Math.max(0.01, ...h.load_ratio) * 1.1;
@@ -446,10 +449,12 @@ function render(s) {
             ["tx / rx errors", bus.tx_errors + " / " + bus.rx_errors],
             ["error frames / bus-off", bus.error_frames_total + " / " + bus.bus_off_total],
             ["kernel drops", fmt(bus.kernel_drops_total, 0)]]),
-      chart([[h.fps, fpsTop, "fps"], [h.load_ratio, loadTop, "load"]], s.history.samples),
-      el("div", {class: "legend"}, "last " + fmt(s.history.samples * span / 60, 0) +
-        " min: frames/s (blue, peak " + fmt(Math.max(0, ...h.fps), 0) + "), load (orange, peak "
-        + fmt(Math.max(0, ...h.load_ratio) * 100, 1) + " %)")));
+      el("div", {class: "legend"}, "frames/s, last " + minutes + " min (peak " +
+        fmt(Math.max(0, ...h.fps), 0) + ")"),
+      chart(h.fps, fpsTop, s.history.samples, "fps"),
+      el("div", {class: "legend"}, "bus load, last " + minutes + " min (peak " +
+        fmt(Math.max(0, ...h.load_ratio) * 100, 1) + " %)"),
+      chart(h.load_ratio, loadTop, s.history.samples, "load")));
   }
   const db = s.database;
   if (db) {
