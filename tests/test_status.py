@@ -10,6 +10,8 @@ from typing import Dict, List, Tuple
 import pytest
 from gvret_client import SAVVYCAN_HELLO, GvretClient
 from harness import wait_until
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from wiretap.frames import CAN_ERR_BUSOFF, CAN_ERR_CRTL, CAN_ERR_FLAG, CAN_FRAME, make_frame
@@ -29,19 +31,19 @@ def test_classic_frame_bits_lie_between_no_stuffing_and_the_worst_case() -> None
         assert standard.fast == extended.fast == 0
         assert 47 + 8 * length < standard.nominal < 47 + 8 * length + (33 + 8 * length) // 4
         assert 67 + 8 * length < extended.nominal < 67 + 8 * length + (53 + 8 * length) // 4
-    assert frame_bits(False, False, False, 0) == FrameBits(51, 0)
-    assert frame_bits(False, False, False, 8) == FrameBits(123, 0)
-    assert frame_bits(True, False, False, 8) == FrameBits(145, 0)
+    assert frame_bits(False, False, False, 0) == FrameBits(34 + 33 / 8 + 13, 0)
+    assert frame_bits(False, False, False, 8) == FrameBits(123.125, 0)
+    assert frame_bits(True, False, False, 8) == FrameBits(145.625, 0)
 
 
 def test_fd_frame_bits_split_at_the_bit_rate_switch() -> None:
     # 64 bytes, 11-bit ID: 17 arbitration bits + 2 stuff + 12 trailer at the nominal rate; ESI,
-    # DLC, 512 data bits, 64 estimated stuff bits, stuff count, CRC-21, 7 fixed stuff bits and
-    # the CRC delimiter at the data rate.
-    assert frame_bits(False, True, True, 64) == FrameBits(31, 614)
-    assert frame_bits(False, True, False, 64) == FrameBits(645, 0)
+    # DLC, 512 data bits, 64.625 estimated stuff bits, stuff count, CRC-21, 7 fixed stuff bits
+    # and the CRC delimiter at the data rate.
+    assert frame_bits(False, True, True, 64) == FrameBits(31, 614.625)
+    assert frame_bits(False, True, False, 64) == FrameBits(645.625, 0)
     assert frame_bits(False, True, True, 16).fast < frame_bits(False, True, True, 20).fast - 32
-    assert frame_bits(True, True, True, 8).nominal == 36 + 4 + 12
+    assert frame_bits(True, True, True, 8).nominal == 36 + 35 / 8 + 12
 
 
 def test_load_ratio_is_bus_time_over_wall_time() -> None:
@@ -64,11 +66,37 @@ def test_bus_meter_counts_frames_bytes_and_bits_per_bus() -> None:
     meter.deliver(batch[:1])
     bus0, bus1 = meter.totals(0), meter.totals(1)
     assert (bus0.frames, bus0.bytes) == (5, 32)
-    assert bus0.nominal_bits == 4 * 123 + 51 and bus0.fast_bits == 0
+    assert bus0.nominal_bits == round(4 * 123.125 + 51.125) and bus0.fast_bits == 0
     assert (bus1.frames, bus1.bytes) == (2, 66)
-    assert bus1.nominal_bits == frame_bits(True, False, False, 2).nominal + 31
-    assert bus1.fast_bits == 614
+    assert bus1.nominal_bits == round(frame_bits(True, False, False, 2).nominal + 31)
+    assert bus1.fast_bits == round(614.625)
     assert meter.totals(7) == (0, 0, 0, 0)
+
+
+frame_shapes = st.builds(
+    lambda bus, extended, fd, brs, length: make_frame(
+        bus, 0x123, bytes(length if fd else min(length, 8)), extended=extended, fd=fd,
+        brs=fd and brs,
+    ),
+    st.integers(0, 2), st.booleans(), st.booleans(), st.booleans(),
+    st.sampled_from([0, 1, 5, 8, 12, 16, 20, 24, 32, 48, 64]),
+)  # fmt: skip
+
+
+@given(st.lists(st.lists(frame_shapes, max_size=40), max_size=6))
+def test_bus_meter_sums_exactly_what_frame_bits_says_per_frame(batches) -> None:
+    meter = BusMeter()
+    for batch in batches:
+        meter.deliver(batch)
+    for bus in range(3):
+        frames = [frame for batch in batches for frame in batch if frame.bus == bus]
+        bits = [frame_bits(f.extended, f.fd, f.brs, len(f.data)) for f in frames]
+        assert meter.totals(bus) == (
+            len(frames),
+            sum(len(frame.data) for frame in frames),
+            round(sum(b.nominal for b in bits)),
+            round(sum(b.fast for b in bits)),
+        )
 
 
 # --- rates and the Prometheus text ---
@@ -229,7 +257,7 @@ def test_listener_serves_exact_counts_per_bus_and_client(harness, bus_factory) -
     status = status_of(port)
     buses = {bus["iface"]: bus for bus in status["buses"]}
     assert (buses["can0"]["frames_total"], buses["can0"]["bytes_total"]) == (30, 240)
-    assert buses["can0"]["nominal_bits_total"] == 30 * 123
+    assert buses["can0"]["nominal_bits_total"] == round(30 * 123.125)
     assert (buses["can1"]["bus"], buses["can1"]["frames_total"]) == (1, 10)
     assert buses["can0"]["state"] == "error-active" and buses["can0"]["healthy"] is True
     (listed,) = status["clients"]

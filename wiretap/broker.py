@@ -1,8 +1,9 @@
 """The broker: one queue from every source, one dispatcher thread, many consumers.
 
 Owns: the ``queue.Queue`` that readers hand batches of frames to, the dispatcher thread that
-offers each batch to every registered consumer, and :class:`Mailbox`, the bounded per-consumer
-buffer with its drop counter and rate-limited "not keeping up" log line. A consumer's
+offers each batch to every registered consumer (stamping ``heartbeat`` each time round, idle or
+not, so a wedged dispatcher can be told from a quiet one), and :class:`Mailbox`, the bounded
+per-consumer buffer with its drop counter and rate-limited "not keeping up" log line. A consumer's
 ``deliver`` must never block: whatever it cannot take it drops and counts, so one slow consumer
 costs frames for itself only.
 
