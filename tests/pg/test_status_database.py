@@ -40,7 +40,7 @@ def test_database_state_rows_and_spool_through_an_outage(pg, harness, bus_factor
     bus = bus_factory()
     app = harness.start(
         "--iface", "can0", "--status-listen", "127.0.0.1:0", "--pg-enable", "--pg-dsn", pg.dsn,
-        "--pg-flush-interval", "0.05", "--pg-queue-size", "10",
+        "--pg-flush-interval", "0.05",
         buses={"can0": bus}, environ={"STATE_DIRECTORY": str(tmp_path)},
     )  # fmt: skip
     port = app.status.port
@@ -61,14 +61,16 @@ def test_database_state_rows_and_spool_through_an_outage(pg, harness, bus_factor
     for number in range(40):
         bus.send(make_frame(0, 0x200, number.to_bytes(2, "big")))
     wait_until(
-        lambda: database(port)["state"] == "down" and database(port)["spool_frames"] > 0,
+        lambda: (
+            database(port)["state"] == "down"
+            and database(port)["queue_frames"] + database(port)["spool_frames"] == 40
+        ),
         timeout=60,
-        what="the outage seen and frames spooled",
+        what="the outage seen, the frames held",
     )
     facts = database(port)
     assert facts["healthy"] is False
-    assert facts["queue_frames"] + facts["spool_frames"] == 40
-    assert facts["spool_bytes"] > 0
+    assert facts["spool_bytes"] > 0 and facts["frames_dropped_total"] == 0
     assert metric(port, "wiretap_database_up") == 0
     assert metric(port, "wiretap_database_spool_frames") == facts["spool_frames"]
 
