@@ -30,6 +30,6 @@ requirements=requirements.txt
 [ "${1:-}" = "--dev" ] && requirements=requirements-dev.txt
 .venv/bin/python -m pip install -q --disable-pip-version-check -r "$requirements"
 
-if commit=$(git describe --always --dirty --abbrev=12 2>/dev/null); then
+if commit=$(git rev-parse --short=12 HEAD 2>/dev/null); then
     echo "$commit" > wiretap/BUILD_COMMIT
 fi
