@@ -8,6 +8,7 @@ bench/roles.py; the throw-away PostgreSQL comes from tests/pgcluster.py.
     python bench/run.py --quick         # smoke run (< 30 s): loss must be 0 at a modest rate
     python bench/run.py --no-pg --json figures.json
     python bench/run.py --status        # the status listener's cost: off beside on, a page open
+    python bench/run.py --savvycan      # a model SavvyCAN at 1x and 5x a saturated bus (~90 s)
 
 Rates are asked of the feeder; a phase passes when the feeder achieved at least 97 % of the asked
 rate (the seam is blocking, so a reader that falls behind slows the feeder rather than losing
@@ -45,6 +46,10 @@ ACHIEVED_FRACTION = 0.97
 DRAIN_IDLE_S = 2.0
 DB_BACKLOG_S = 0.5  # the database keeps pace if it is at most this far behind when feeding ends
 SERVER_ARGS = ["--host", "127.0.0.1", "--port", "0", "--stats-interval", "0", "--log-level"]
+# The throughput phases' clients do SavvyCAN's handshake but read like a fast program, not like
+# SavvyCAN: flow control (which would cap each at 60 KB per keepalive) is off for them. The
+# --savvycan run measures it, with a client that reads as SavvyCAN does.
+THROUGHPUT_ARGS = ["--gvret-flow-control", "off"]
 
 
 @dataclass
@@ -126,7 +131,7 @@ class Rig:
         self.client_pool = context.Process(target=roles.clients, args=(child,), daemon=True)
         self.client_pool.start()
         self.server_conn, child = context.Pipe()
-        argv = [*SERVER_ARGS, log_level, *extra_args]
+        argv = [*SERVER_ARGS, log_level, *THROUGHPUT_ARGS, *extra_args]
         self.server = context.Process(
             target=roles.serve, args=(child, argv, reader_end, spool), daemon=True
         )
@@ -544,6 +549,112 @@ def run_pg(args: argparse.Namespace, work: Path) -> Dict[str, object]:
     return figures
 
 
+class SavvycanRig:
+    """The server, a seam feeder that never bursts, and one model SavvyCAN client
+    (tests/savvycan_model.py), each in its own process; flow control as shipped (auto)."""
+
+    def __init__(self, log_level: str, spool: str) -> None:
+        import savvycan_model
+
+        context = multiprocessing.get_context("fork")
+        reader_end, bus_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.server_conn, child = context.Pipe()
+        self.server = context.Process(
+            target=roles.serve, args=(child, [*SERVER_ARGS, log_level], reader_end, spool)
+        )
+        self.server.start()
+        self.port = self.server_conn.recv()["port"]
+        self.feeder_conn, child = context.Pipe()
+        self.feeder = context.Process(target=savvycan_model.feeder, args=(child, bus_end))
+        self.feeder.start()
+        reader_end.close()
+        bus_end.close()
+        self.client_conn, child = context.Pipe()
+        self.client = context.Process(target=savvycan_model.model_client, args=(child, self.port))
+        self.client.start()
+        assert self.client_conn.recv() == "connected"
+        _wait(lambda: self.counters()["streaming"] == 1, "the model client streaming")
+        self.fed = 0
+
+    def counters(self) -> Dict[str, int]:
+        self.server_conn.send("counters")
+        return self.server_conn.recv()
+
+    def report(self, reset: bool = False) -> object:
+        self.client_conn.send("reset" if reset else "report")
+        return self.client_conn.recv()
+
+    def phase(self, name: str, fps: int, seconds: float) -> Dict[str, object]:
+        before = self.counters()
+        start = self.report(reset=True)
+        count = int(fps * seconds)
+        self.feeder_conn.send((count, fps))
+        began = time.perf_counter()
+        self.fed += self.feeder_conn.recv()
+        elapsed = time.perf_counter() - began
+        # Until the server dealt with every frame and the client read all it was sent.
+        last, idle_since = None, time.monotonic()
+        while True:
+            counters, figures = self.counters(), self.report()
+            dropped = counters["client_drops"] - before["client_drops"]
+            received = figures.received - start.received
+            done = counters["rx"] == self.fed and received + dropped == count
+            if done or time.monotonic() - idle_since > 10:
+                break
+            if (received, dropped) != last:
+                last, idle_since = (received, dropped), time.monotonic()
+            time.sleep(0.2)
+        gaps = sorted(figures.keepalive_gaps)
+        result = {
+            "phase": name,
+            "asked_fps": fps,
+            "achieved_fps": count / elapsed,
+            "seconds": seconds,
+            "fed": count,
+            "delivered": received,
+            "dropped": dropped,
+            "missing_at_client": count - received,
+            "order_errors": figures.order_errors - start.order_errors,
+            "largest_read": figures.largest_read,
+            "reads": figures.reads - start.reads,
+            "keepalives_sent": figures.keepalives_sent - start.keepalives_sent,
+            "keepalives_answered": figures.keepalive_replies - start.keepalive_replies,
+            "keepalive_gap_p50_s": roles.percentile(gaps, 0.5),
+            "keepalive_gap_max_s": gaps[-1] if gaps else None,
+            "client_error": figures.error,
+        }
+        _log(f"savvycan {name}: {result}")
+        return result
+
+    def close(self) -> None:
+        self.client_conn.send("stop")
+        self.client_conn.recv()
+        self.feeder_conn.send(None)
+        self.server_conn.send("stop")
+        self.server_conn.recv()
+        for process in (self.server, self.feeder, self.client):
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+
+
+def run_savvycan(args: argparse.Namespace, work: Path) -> Dict[str, object]:
+    """A model SavvyCAN (quadratic reader, keepalives only when idle) at one saturated bus and
+    at five times that: what it got, what the server dropped for it, its largest read."""
+    import savvycan_model
+
+    rig = SavvycanRig(args.log_level, str(work / "spool.db"))
+    try:
+        phases = [
+            rig.phase("1x", savvycan_model.DENSE_FPS, args.savvycan_seconds[0]),
+            rig.phase("5x", 5 * savvycan_model.DENSE_FPS, args.savvycan_seconds[1]),
+            rig.phase("1x after", savvycan_model.DENSE_FPS, args.savvycan_seconds[0]),
+        ]
+    finally:
+        rig.close()
+    return {"mode": "savvycan", "phases": phases}
+
+
 def machine() -> Dict[str, object]:
     model = "unknown"
     with open("/proc/cpuinfo") as f:
@@ -565,6 +676,8 @@ def _ms(value: Optional[float]) -> str:
 
 def table(figures: Dict[str, object]) -> str:
     """The figures as one Markdown table."""
+    if figures["mode"] == "savvycan":
+        return _savvycan_table(figures)
     rows = [("figure", "measured", "target")]
     if figures["mode"] == "quick":
         rows += [
@@ -678,6 +791,35 @@ def table(figures: Dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+def _savvycan_table(figures: Dict[str, object]) -> str:
+    machine_info = figures["machine"]
+    load = machine_info["load_avg_at_start"][0]
+    head = (
+        "| phase | fps asked (got) | s | fed | delivered | dropped (server) | missing at client "
+        "| largest read | keepalive gap p50 / max | keepalives answered / sent | order errors |"
+    )
+    lines = [
+        f"machine: {machine_info['cores']} cores, {machine_info['cpu']}, Python "
+        f"{machine_info['python']}, load average at start {load:.2f}",
+        "",
+        head,
+        "|" + "---|" * head.count(" |"),
+    ]
+    for p in figures["phases"]:
+        lines.append(
+            f"| {p['phase']} | {p['asked_fps']:,} ({p['achieved_fps']:,.0f}) | {p['seconds']:g} "
+            f"| {p['fed']:,} | {p['delivered']:,} | {p['dropped']:,} | {p['missing_at_client']:,} "
+            f"| {p['largest_read']:,} B | {_s(p['keepalive_gap_p50_s'])} / "
+            f"{_s(p['keepalive_gap_max_s'])} | {p['keepalives_answered']} / "
+            f"{p['keepalives_sent']} | {p['order_errors']} |"
+        )
+    return "\n".join(lines)
+
+
+def _s(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f} s"
+
+
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run (< 30 s)")
@@ -692,6 +834,19 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         help="real-kernel ceiling instead: server / candump frames under a cangen flood (in a VM)",
     )
     parser.add_argument("--vcan-frames", type=int, default=20000, help="frames for --vcan")
+    parser.add_argument(
+        "--savvycan",
+        action="store_true",
+        help="flow control instead: a model SavvyCAN at 1x and 5x a saturated bus",
+    )
+    parser.add_argument(
+        "--savvycan-seconds",
+        type=float,
+        nargs=2,
+        default=[20.0, 60.0],
+        metavar=("AT_1X", "AT_5X"),
+        help="length of the --savvycan phases",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the figures to PATH")
     parser.add_argument("--no-pg", dest="pg", action="store_false", help="skip PostgreSQL")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
@@ -723,6 +878,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         figures = {"machine": machine()}
         if args.status:
             figures.update(run_status(args, Path(work)))
+        elif args.savvycan:
+            figures.update(run_savvycan(args, Path(work)))
         elif args.quick:
             figures.update(run_quick(args, Path(work)))
         else:

@@ -15,6 +15,7 @@ Run it directly to get a database for a while::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import logging
 import os
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 log = logging.getLogger("pgcluster")
 
@@ -146,6 +147,28 @@ class PgCluster:
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None
+
+    def server_pids(self) -> List[int]:
+        """The postmaster and every process it started (backends, checkpointer, WAL writer...)."""
+        postmaster = int((self.datadir / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(
+            ["pgrep", "-P", str(postmaster)], capture_output=True, text=True
+        ).stdout.split()
+        return [postmaster, *map(int, children)]
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Every server process stopped with SIGSTOP: a database that accepts TCP connections
+        (the kernel does) but answers nothing, as behind a network black hole. SIGCONT after."""
+        pids = self.server_pids()
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
 
     def load_schema(self, path: Optional[Path] = None) -> None:
         self._psql(DATABASE, "-f", str(path or self.schema))

@@ -119,10 +119,12 @@ def test_main_check_config_prints_describe(
 ) -> None:
     monkeypatch.delenv("PG_DSN", raising=False)
     monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    monkeypatch.setenv("HOME", "/home/pi")
     assert main(["--port", "0", "--check-config"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "port = 0" in lines
-    assert 'cache_path = "./wiretap-spool.db"' in lines
+    assert 'cache_path = "/home/pi/.local/state/wiretap-server/wiretap-spool.db"' in lines
 
 
 def test_version_names_the_git_commit_of_a_checkout() -> None:

@@ -81,6 +81,25 @@ def test_spool_path_follows_systemd_state_directory() -> None:
     assert config.postgres.cache_path == "/var/lib/wiretap/wiretap-spool.db"
 
 
+@pytest.mark.parametrize(
+    ("environ", "path"),
+    [
+        ({"STATE_DIRECTORY": "/var/lib/wiretap-server", "HOME": "/root"},
+         "/var/lib/wiretap-server/wiretap-spool.db"),
+        ({"XDG_STATE_HOME": "/xdg", "HOME": "/home/pi"}, "/xdg/wiretap-server/wiretap-spool.db"),
+        ({"HOME": "/home/pi"}, "/home/pi/.local/state/wiretap-server/wiretap-spool.db"),
+        ({}, "./wiretap-spool.db"),
+    ],
+)  # fmt: skip
+def test_spool_path_outside_systemd_is_the_users_state_directory(environ, path) -> None:
+    assert load_config([], environ).postgres.cache_path == path
+
+
+def test_pg_cache_path_flag_sets_the_spool() -> None:
+    config = load_config(["--pg-cache-path", "/data/spool.db"], {"HOME": "/root"})
+    assert config.postgres.cache_path == "/data/spool.db"
+
+
 def test_explicit_cache_path_is_kept(tmp_path: Path) -> None:
     config = load(tmp_path, '[postgres]\ncache_path = "/data/spool.db"\n', env=None)
     assert config.postgres.cache_path == "/data/spool.db"

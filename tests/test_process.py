@@ -133,7 +133,7 @@ def test_stats_line_reports_what_was_read(processes, tmp_path):
     line = next((line for line in server.lines if " rx=3 " in line), "\n".join(server.lines))
     assert re.search(
         r"stats rx=3 fps=[\d.]+ clients=0 client_drops=0 kernel_drops=0 tx=0 tx_fail=0 "
-        r"queued=0 enq=0 wrote=0 dropped=0 spooled=0 conn=0 error_frames=0 bus_off=0$",
+        r"queued=0 enq=0 wrote=0 dropped=0 spooled=0 conn=0 carried=0 error_frames=0 bus_off=0$",
         line,
     ), line
     assert server.stop() == 0
@@ -141,10 +141,11 @@ def test_stats_line_reports_what_was_read(processes, tmp_path):
 
 def test_an_unusable_spool_path_is_one_clear_line_and_exit_1(processes, tmp_path):
     config = tmp_path / "wiretap-server.toml"
+    (tmp_path / "a-file").write_text("")
     config.write_text(
         "[postgres]\nenable = true\n"
         'dsn = "postgresql://nobody@127.0.0.1:1/none"\n'
-        f'cache_path = "{tmp_path}/missing/folder/spool.db"\n'
+        f'cache_path = "{tmp_path}/a-file/folder/spool.db"\n'  # a missing folder is created
     )
     server = processes("-C", str(config), "--iface", f"replay:{DEMO_LOG}", "--port", "0")
     assert server.exit_code() == 1

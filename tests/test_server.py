@@ -367,3 +367,103 @@ def test_refused_transmits_count_in_tx_fail(harness, bus_factory):
     client.close()
     wait_until(lambda: not app.hub.clients)
     assert app.counters()["tx_fail"] == 4
+
+
+def test_dialect_does_not_depend_on_how_tcp_splits_the_handshake(harness, bus_factory, caplog):
+    can0 = bus_factory()
+    app = harness.start("--iface", "can0", "--can-fd", buses={"can0": can0})
+    splits = [[SAVVYCAN_HELLO[:cut], SAVVYCAN_HELLO[cut:]] for cut in range(1, 12)]
+    splits.append([bytes([b]) for b in SAVVYCAN_HELLO])
+    with caplog.at_level(logging.INFO, logger="wiretap.server"):
+        for chunks in splits:
+            client = GvretClient(app.port, hello=b"")
+            client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for chunk in chunks:
+                client.send(chunk)
+                # A long FD frame and a marker between the parts: sent while the client's
+                # handshake is half in.
+                can0.send(make_frame(0, 0x123, bytes(range(64)), fd=True, brs=True))
+                can0.send(make_frame(0, 0x7EE, b"\x01"))
+                time.sleep(0.01)
+            client.wait_reply(0x09)
+            can0.send(make_frame(0, 0x7EF, b"\x02"))
+            client.wait_for(lambda c: any(f.can_id == 0x7EF for f in c.frames))
+            assert all(len(f.data) <= 8 for f in client.frames), chunks
+            (connection,) = app.hub.clients
+            assert connection.dialect.value == "classic"
+            client.close()
+            wait_until(lambda: not app.hub.clients)
+    chosen = [r.getMessage() for r in caplog.records if "dialect" in r.getMessage()]
+    assert not any("wiretap" in line for line in chosen)
+
+
+def test_bus_settings_apply_to_the_client_that_made_them(harness, bus_factory, caplog):
+    can0, can1 = bus_factory(), bus_factory()
+    app = harness.start("--iface", "can0,can1", buses={"can0": can0, "can1": can1})
+    savvy = GvretClient(app.port, hello=SAVVYCAN_HELLO)
+    other = GvretClient(app.port, hello=SAVVYCAN_HELLO)
+    savvy.wait_reply(0x09)
+    other.wait_reply(0x09)
+    # SavvyCAN's Connections window: bus 0 listen-only at 250 kbit/s, bus 1 off.
+    words = struct.pack("<II", 0xE0000000 | 250_000, 0x80000000 | 500_000)
+    with caplog.at_level(logging.INFO, logger="wiretap.server"):
+        savvy.send(b"\xf1\x05" + words + b"\x00\xf1\x06")
+        (_, reply) = savvy.wait_reply(0x06, 2)
+        assert reply.payload == bytes.fromhex("1120A10700 0020A10700".replace(" ", ""))
+        for _ in range(3):
+            savvy.send(bytes.fromhex("F100 23010000 00 01 11 00"))  # bus 0: listen-only
+        savvy.send(bytes.fromhex("F100 23010000 01 01 11 00"))  # bus 1: off
+        savvy.send(b"\xf1\x09")
+        savvy.wait_reply(0x09, 2)
+    can0.send(make_frame(0, 0x100, b"\x00"))
+    can1.send(make_frame(0, 0x101, b"\x01"))
+    can0.send(make_frame(0, 0x102, b"\x02"))
+    # (Two buses are two readers: their frames keep their order per bus only.)
+    assert sorted((f.bus, f.can_id) for f in other.wait_frames(3)) == [
+        (0, 0x100),
+        (0, 0x102),
+        (1, 0x101),
+    ]
+    assert [(f.bus, f.can_id) for f in savvy.wait_frames(2)] == [(0, 0x100), (0, 0x102)]
+    savvy_conn = next(c for c in app.hub.clients if c.tx_refused)
+    assert savvy_conn.tx_refused == 4
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("refused: bus 0 is listen-only for this client" in m for m in messages) == 1
+    assert sum("refused: bus 1 is switched off by this client" in m for m in messages) == 1
+    assert sum("bus 0 is now on, listen-only for this client" in m for m in messages) == 1
+    assert sum("bus 1 is now off for this client" in m for m in messages) == 1
+    assert sum("at 250000 bit/s (it runs at 500000): not applied" in m for m in messages) == 1
+    # The other client's view and transmits are untouched.
+    other.send(b"\xf1\x06" + bytes.fromhex("F100 23010000 00 01 11 00"))
+    (_, reply) = other.wait_reply(0x06, 2)
+    assert reply.payload == bytes.fromhex("0120A10700 0120A10700".replace(" ", ""))
+    assert can0.receive() == CAN_FRAME.pack(0x123, 1, 0, b"\x11")
+
+
+def test_a_speed_change_needs_the_operators_permission(harness, bus_factory, caplog):
+    app = harness.start(
+        "--iface", "can0", "--reconfigure-interfaces", buses={"can0": bus_factory()}
+    )
+    client = GvretClient(app.port, hello=SAVVYCAN_HELLO)
+    client.wait_reply(0x09)
+    with caplog.at_level(logging.INFO, logger="wiretap.server"):
+        client.send(b"\xf1\x05" + struct.pack("<II", 0xC0000000 | 125_000, 0) + b"\x00\xf1\x09")
+        client.wait_reply(0x09, 2)
+    (line,) = [r.getMessage() for r in caplog.records if "125000" in r.getMessage()]
+    assert "not applied: can0 is not a kernel CAN interface" in line
+
+
+def test_extended_buses_reply_describes_the_third_bus(harness, bus_factory):
+    buses = {name: bus_factory() for name in ("can0", "can1", "can2")}
+    app = harness.start("--iface", "can0,can1,can2", buses=buses)
+    client = GvretClient(app.port, hello=SAVVYCAN_HELLO)
+    client.send(b"\xf1\x0d")
+    (reply,) = client.wait_reply(0x0D)
+    assert reply.payload == bytes.fromhex("0120A10700") + bytes(10)
+    client.send(b"\xf1\x0e" + struct.pack("<III", 0x80000000 | 500_000, 0, 0) + b"\x00\xf1\x0d")
+    (_, reply) = client.wait_reply(0x0D, 2)
+    assert reply.payload == bytes.fromhex("0020A10700") + bytes(10)
+    buses["can2"].send(make_frame(0, 0x222, b"\x02"))
+    buses["can0"].send(make_frame(0, 0x200, b"\x00"))
+    assert [(f.bus, f.can_id) for f in client.wait_frames(1)] == [(0, 0x200)]
+    assert app.hub.clients[0].fd_skipped == 0

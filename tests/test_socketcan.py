@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import shutil
 import socket
 import struct
 import threading
 import time
 from typing import List
 
+import pytest
 from harness import wait_until
 
 from wiretap.frames import CAN_ERR_BUSOFF, CAN_ERR_FLAG, CAN_FRAME, TX, Frame, make_frame
@@ -24,6 +26,7 @@ from wiretap.sources.socketcan import (
     SocketCanSource,
     direction_of,
     parse_ancillary,
+    set_link_bitrate,
 )
 
 
@@ -238,6 +241,21 @@ def test_error_passive_and_recovery_are_logged_once_each(bus_factory, caplog):
         "can0: error-active again after error-passive (tx errors 0, rx errors 0)",
     ]
     assert source.error_frames == 4
+
+
+@pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2's ip")
+def test_setting_a_bitrate_says_what_ip_link_refused() -> None:
+    with pytest.raises(RuntimeError, match=r"ip link set dev nosuchcan9 down: .+"):
+        set_link_bitrate("nosuchcan9", 250_000)
+
+
+def test_a_seam_source_is_not_reconfigured() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    source = SocketCanSource("can0", 0, open_socket=lambda: a)
+    with pytest.raises(RuntimeError, match="can0 is not a kernel CAN interface"):
+        source.set_bitrate(250_000)
+    a.close()
+    b.close()
 
 
 def test_every_can_state_change_is_one_line_with_the_counters(bus_factory, caplog):

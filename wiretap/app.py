@@ -157,6 +157,8 @@ class App:
                 allow=server.allow,
                 max_clients=server.max_clients,
                 dialect=server.gvret_fd,
+                flow_control=server.gvret_flow_control,
+                set_bitrate=self.set_bitrate if server.reconfigure_interfaces else None,
             )
         except OSError as exc:
             where = f"{server.host}:{server.port}"
@@ -188,6 +190,14 @@ class App:
         info = source.bus_info(bus)
         return gvret.BusParams(info.enabled, info.listen_only, info.bitrate)
 
+    def set_bitrate(self, bus: int, bitrate: int) -> str:
+        """A client's bus-speed request, when the operator allows it (``reconfigure_interfaces``);
+        raises RuntimeError when it cannot be applied."""
+        source = self.bus_to_source.get(bus)
+        if not isinstance(source, SocketCanSource):
+            raise RuntimeError(f"bus {bus} is not a CAN interface")
+        return source.set_bitrate(bitrate)
+
     def transmit(self, frame: Frame, origin: int) -> Optional[str]:
         source = self.bus_to_source.get(frame.bus)
         if source is None:
@@ -200,8 +210,13 @@ class App:
         return f"{source.name}: {result.value}"
 
     def counters(self) -> Dict[str, object]:
+        """The stats line's values. With a database, its fields balance:
+        ``rx + carried == wrote + spooled + queued + dropped`` (``rx`` counts every frame read,
+        ``queued`` every frame in memory on its way to the database, ``dropped`` every frame lost
+        on the way, ``carried`` the rows a previous run left in the spool)."""
+        broker = self.broker
         values: Dict[str, object] = {
-            "rx": self.broker.frames_in,
+            "rx": broker.frames_in + broker.overflow.total + broker.pending,
             "clients": len(self.hub.clients),
             "client_drops": self.hub.client_drops(),
             "conn": 0,
@@ -212,8 +227,9 @@ class App:
         values["tx_fail"] = int(values.get("tx_fail", 0)) + self.hub.transmits_refused()
         if self.pg is not None:
             values.update(self.pg.counters())
+            values["queued"] = int(values["queued"]) + broker.pending
         # Frames the broker could not queue were lost for every consumer, the database included.
-        values["dropped"] = int(values.get("dropped", 0)) + self.broker.overflow.total
+        values["dropped"] = int(values.get("dropped", 0)) + broker.overflow.total
         return values
 
     def start(self) -> None:

@@ -119,6 +119,11 @@ class Broker:
         self.overflow = DropReporter("broker")
         self.heartbeat = time.monotonic()  # when the dispatcher last went round its loop
 
+    @property
+    def pending(self) -> int:
+        """Frames published and not yet handed to the consumers."""
+        return self._queued_frames
+
     def register(self, consumer: Consumer) -> None:
         with self._consumers_lock:
             self._consumers = self._consumers + [consumer]

@@ -15,7 +15,7 @@ import sys
 from typing import Optional, Sequence
 
 from wiretap import buildinfo
-from wiretap.config import ConfigError, parse_args, resolve
+from wiretap.config import Config, ConfigError, parse_args, resolve
 
 EXIT_CONFIG_ERROR = 2
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -47,11 +47,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return EXIT_CONFIG_ERROR
         if args.check_config:
             print(config.describe(), end="")
-            return 0
+            return _check_database(config) if config.postgres.enable else 0
         logging.getLogger("wiretap").info("%s starting", buildinfo.describe())
         return app.run(config, sources)
     finally:
         listener.stop()
+
+
+def _check_database(config: Config) -> int:
+    """``--check-config`` with ingest on: can the server write where it is told to? A mistake
+    (a missing table or function, a refused login) is a configuration error; a database that
+    is down is not (the server spools until it is back)."""
+    try:
+        from wiretap.pg.writer import check_target
+    except ImportError as error:
+        print(f"# database: not checked ({error}; pip install -r requirements.txt)")
+        return 0
+    verdict, text = check_target(config.postgres)
+    if verdict == "mistake":
+        print(f"config error: database: {text}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if verdict == "unreachable":
+        print(f"# database: not reachable now ({text}); frames wait in the spool until it is")
+    else:
+        print(f"# database: {text}")
+    return 0
 
 
 def _log_to_stderr(level: str) -> logging.handlers.QueueListener:

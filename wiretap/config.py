@@ -2,8 +2,9 @@
 
 Owns the key table (every ``[section] key`` with its type and range), the command-line flag table
 that maps each flag onto a key, the validation that reports every problem at once (each naming
-the key, the bad value and where it came from), and DSN password masking. The result is one
-frozen :class:`Config`; nothing else in the program reads files, flags or the environment.
+the key, the bad value and where it came from; a DSN is shown masked, by ``pg.names``). The
+result is one frozen :class:`Config`; nothing else in the program reads files, flags or the
+environment.
 
 The flag table lives here rather than in ``cli`` so that a key, its flag and its help text are
 written down once; ``cli`` only acts on the parsed result.
@@ -17,12 +18,12 @@ import ipaddress
 import json
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from wiretap import buildinfo
+from wiretap.pg.names import SQL_FUNCTION_NAME, mask_dsn
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -32,6 +33,7 @@ else:
 GVRET_BUS_COUNT = 16  # the bus number is one nibble in GVRET frames
 IFNAMSIZ = 16  # <linux/if.h>: interface names are at most 15 characters plus the NUL
 SPOOL_FILE_NAME = "wiretap-spool.db"
+STATE_DIRECTORY_NAME = "wiretap-server"  # as in StateDirectory= of wiretap-server.service
 REPLAY_PREFIX = "replay:"
 
 
@@ -49,6 +51,8 @@ class ServerConfig:
     allow: Tuple[str, ...] = ()
     max_clients: int = 16
     gvret_fd: str = "auto"
+    gvret_flow_control: str = "auto"
+    reconfigure_interfaces: bool = False
     beacon: bool = False
     beacon_address: str = "255.255.255.255"
     replay_speed: float = 1.0
@@ -195,9 +199,6 @@ def _nonempty_text(value: Any, textual: bool) -> str:
     return value
 
 
-SQL_FUNCTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
-
-
 def _sql_function_name(value: Any, textual: bool) -> str:
     if not isinstance(value, str) or SQL_FUNCTION_NAME.fullmatch(value) is None:
         raise _Invalid("expected a plain or schema-qualified SQL name such as public.my_ingest")
@@ -312,6 +313,8 @@ _SECTIONS: Dict[str, Tuple[type, Dict[str, Convert]]] = {
             "allow": _networks,
             "max_clients": _integer(1),
             "gvret_fd": _choice("auto", "wiretap", "esp32ret", "classic"),
+            "gvret_flow_control": _choice("auto", "off"),
+            "reconfigure_interfaces": _boolean,
             "beacon": _boolean,
             "beacon_address": _ip_address,
             "replay_speed": _number(0, low_allowed=False),
@@ -378,6 +381,10 @@ _FLAGS: Tuple[_Flag, ...] = (
     _Flag(("--max-clients",), "server.max_clients", "N", "Most GVRET clients at once"),
     _Flag(("--gvret-fd",), "server.gvret_fd", "DIALECT",
           "CAN FD dialect for GVRET clients: auto, wiretap, esp32ret or classic"),
+    _Flag(("--gvret-flow-control",), "server.gvret_flow_control", "MODE",
+          "Bound what waits for clients that send keepalives like SavvyCAN: auto or off"),
+    _Flag(("--reconfigure-interfaces",), "server.reconfigure_interfaces", None,
+          "Let GVRET clients change an interface's bit rate (ip link; needs CAP_NET_ADMIN)"),
     _Flag(("--beacon",), "server.beacon", None, "Send a UDP discovery beacon to port 17222"),
     _Flag(("--beacon-address",), "server.beacon_address", "ADDR",
           "Destination address of the discovery beacon"),
@@ -399,6 +406,8 @@ _FLAGS: Tuple[_Flag, ...] = (
           "Frames the database writer may hold before spooling to disk"),
     _Flag(("--pg-dir",), "postgres.dir", "DIR",
           "Direction stored for frames read from the bus; unset = --default-dir"),
+    _Flag(("--pg-cache-path",), "postgres.cache_path", "PATH",
+          "Spool file for frames while the database is away (default: the state directory)"),
     _Flag(("--status-listen",), "status.listen", "ADDR:PORT",
           "Serve /metrics, /status and a status page over HTTP here (a bare port: on loopback)"),
     _Flag(("--log-level",), "logging.level", "LEVEL",
@@ -591,8 +600,17 @@ def _check_bus_count(values: Mapping[str, Any]) -> List[str]:
 
 
 def _default_spool_path(environ: Mapping[str, str]) -> str:
+    """systemd's ``StateDirectory=`` (``/var/lib/wiretap-server`` with the shipped unit), else
+    the user's XDG state directory (``~/.local/state/wiretap-server``), else the working
+    directory: a spool must outlive the process, so not a temporary folder."""
     # systemd joins several StateDirectory= entries with ':'; the first is ours.
     state_directory = environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if not state_directory:
+        xdg_state = environ.get("XDG_STATE_HOME", "")
+        home = environ.get("HOME", "")
+        if xdg_state or home:
+            base = xdg_state or os.path.join(home, ".local", "state")
+            state_directory = os.path.join(base, STATE_DIRECTORY_NAME)
     return os.path.join(state_directory or ".", SPOOL_FILE_NAME)
 
 
@@ -613,27 +631,3 @@ def _show(dotted: str, value: Any, as_typed: bool = False) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_show("", item) for item in value) + "]"
     return repr(value) if isinstance(value, float) else str(value)
-
-
-_URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-_URI_PASSWORD_PARAMETER = re.compile(r"(?P<key>[?&]password=)[^&#]*", re.IGNORECASE)
-# libpq keyword form: password=secret, password = 'quoted \' value'; an unclosed quote runs to
-# the end, so a malformed DSN is masked too much rather than too little.
-_KEYWORD_PASSWORD = re.compile(
-    r"(?P<key>\bpassword\s*=\s*)(?:'(?:\\.|[^'\\])*(?:'|.*$)|\S*)", re.IGNORECASE | re.DOTALL
-)
-MASK = "***"
-
-
-def mask_dsn(dsn: str) -> str:
-    """The DSN with any password replaced by ``***``, in URI or keyword=value form."""
-    scheme = _URI_SCHEME.match(dsn)
-    if scheme is None:
-        return _KEYWORD_PASSWORD.sub(rf"\g<key>{MASK}", dsn)
-    rest = dsn[scheme.end() :]
-    # The last '@' ends the user info even when a password holds an unencoded '/', '?' or '@'.
-    if "@" in rest:
-        userinfo, hosts = rest.rsplit("@", 1)
-        if ":" in userinfo:
-            rest = f"{userinfo.split(':', 1)[0]}:{MASK}@{hosts}"
-    return scheme.group() + _URI_PASSWORD_PARAMETER.sub(rf"\g<key>{MASK}", rest)

@@ -22,7 +22,8 @@ MAX_KEYS = 4096
 class RateLimitedLog:
     """Logs through ``logger`` at most once per ``interval`` seconds for each key.
 
-    ``log(key, level, msg, *args)`` returns True when the line was emitted. A line emitted after
+    ``log(key, level, msg, *args)`` returns True when the line was emitted (``exc_info=True``
+    adds the traceback of the exception being handled, as with ``logging``). A line emitted after
     others were held back ends with ``(N more suppressed)``; ``suppressed_total`` counts all of
     them since start.
     """
@@ -40,7 +41,9 @@ class RateLimitedLog:
         self._keys: Dict[Hashable, Tuple[float, int]] = {}
         self._lock = threading.Lock()
 
-    def log(self, key: Hashable, level: int, msg: str, *args: object) -> bool:
+    def log(
+        self, key: Hashable, level: int, msg: str, *args: object, exc_info: bool = False
+    ) -> bool:
         now = self._clock()
         with self._lock:
             last, held = self._keys.get(key, (float("-inf"), 0))
@@ -54,7 +57,7 @@ class RateLimitedLog:
         if held:
             msg = f"{msg} (%d more suppressed)"
             args = (*args, held)
-        self.logger.log(level, msg, *args)
+        self.logger.log(level, msg, *args, exc_info=exc_info)
         return True
 
     def forget(self, owner: Hashable) -> int:

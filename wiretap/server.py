@@ -1,37 +1,44 @@
-"""The GVRET TCP server: one handler per client, frames fanned out once per dialect.
+"""The GVRET TCP server: sockets and threads, one handler per client.
 
 Owns: the ``socketserver.ThreadingTCPServer`` and its admission rules (``allow``,
-``max_clients``), the per-connection handler (its parser, its dialect, its writer thread and
-bounded outbox), the :class:`ClientHub` that the broker delivers batches to, routing a client's
-transmit to its bus (through the ``transmit`` callable the app hands in), and the optional UDP
-discovery beacon.
+``max_clients``), the per-connection handler and writer threads, each client's bounded outbox,
+the :class:`ClientHub` that the broker delivers batches to, routing a client's transmit to its
+bus (through the ``transmit`` callable the app hands in), and the optional UDP discovery beacon.
+The protocol rules of a connection (binary mode, dialect, the client's view of the buses, flow
+control) are :class:`gvret.Connection`'s; this module feeds it bytes and acts on its events.
 
 Each client has an outbox: replies to its commands go out ahead of any queued frame data (a
-SavvyCAN keepalive must never wait behind frames), frame data is bounded (beyond it the client
-loses frames, counted), and the kernel's send buffer is kept small so that a slow reader such as
-SavvyCAN never has more than ~64 KB waiting for it (docs/gvret.md §3).
+SavvyCAN keepalive must never wait behind frames), and frame data is bounded (256 KB; beyond it
+the client loses frames, counted). The kernel's send buffer is kept small (~64 KB). Neither bounds
+what waits in the *client's* receive queue, which its kernel grows to megabytes: for clients
+that send keepalives like SavvyCAN, the connection's flow-control window does (docs/gvret.md §3).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
+import fcntl
 import ipaddress
 import itertools
 import logging
 import socket
 import socketserver
+import struct
+import termios
 import threading
 import time
-from typing import Callable, Deque, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from . import gvret
 from .broker import DropReporter
 from .frames import Frame
+from .ratelimit import RateLimitedLog
 
 log = logging.getLogger("wiretap.server")
 
-SEND_BUFFER = 32 * 1024  # the kernel doubles it: ~64 KB in flight at most (gvret.md §3)
+SEND_BUFFER = 32 * 1024  # the kernel doubles it: ~64 KB in this side's send queue at most
 OUTBOX_FRAME_BYTES = 256 * 1024
 REPLY_BYTES = 64 * 1024  # unread replies: a client that only sends keepalives must not pin memory
 WRITE_CHUNK = 16 * 1024
@@ -40,9 +47,16 @@ SOCKET_POLL_S = 0.5
 BEACON_PORT = 17222
 BEACON_PAYLOAD = b"\x1c\xef\xac\xed"
 REFUSAL_LOG_INTERVAL_S = 10.0
+SIOCOUTQ = termios.TIOCOUTQ  # <linux/sockios.h>: SIOCOUTQ is TIOCOUTQ
+SIOCOUTQ_VALUE = struct.Struct("i")
+"""The ``int`` that ``ioctl(SIOCOUTQ)`` fills in: bytes in the send queue not yet acknowledged."""
 
 Transmit = Callable[[Frame, int], Optional[str]]
 """Sends a frame for client ``origin``; returns None when sent, else why it was not."""
+
+SetBitrate = Callable[[int, int], str]
+"""Reconfigures bus ``bus`` to ``bitrate`` bit/s; returns what was done, or raises
+``RuntimeError`` saying why it could not be."""
 
 
 class Outbox:
@@ -83,26 +97,54 @@ class Outbox:
             self.drops.add(count)
         return accepted
 
-    def take(self, timeout: float) -> Optional[bytes]:
-        """The next bytes to write: all waiting replies, else up to a chunk of frame data."""
+    @property
+    def frame_bytes(self) -> int:
+        """Frame bytes queued here, not yet written to the socket."""
+        return self._frame_bytes
+
+    def put_frame_pieces(self, pieces: Sequence[bytes], count: int) -> bool:
+        """Queue the pieces of one batch (``count`` frames), all or none, each to be written
+        on its own (a paced client)."""
+        size = sum(len(piece) for piece in pieces)
         with self._ready:
-            if not (self._replies or self._frames or self.closed):
-                self._ready.wait(timeout)
-            if self._replies:
-                data = b"".join(self._replies)
-                self._replies.clear()
-                self._reply_bytes = 0
-                return data
-            if not self._frames:
-                return None
+            accepted = self._frame_bytes + size <= self.capacity
+            if accepted:
+                self._frames.extend(pieces)
+                self._frame_bytes += size
+                self._ready.notify()
+        if not accepted:
+            self.drops.add(count)
+        return accepted
+
+    def take(
+        self, timeout: float, limit: int = WRITE_CHUNK, frames_from: float = 0.0
+    ) -> Tuple[Optional[bytes], bool]:
+        """The next bytes to write and whether they are frame data: all waiting replies first;
+        else frame data up to about ``limit`` bytes, not before monotonic time ``frames_from``
+        (replies never wait for it)."""
+        deadline = time.monotonic() + timeout
+        with self._ready:
+            while True:
+                if self._replies:
+                    data = b"".join(self._replies)
+                    self._replies.clear()
+                    self._reply_bytes = 0
+                    return data, False
+                now = time.monotonic()
+                if self._frames and now >= frames_from:
+                    break
+                if self.closed or now >= deadline:
+                    return None, False
+                wake = deadline if not self._frames else min(deadline, frames_from)
+                self._ready.wait(wake - now)
             parts: List[bytes] = []
             size = 0
-            while self._frames and size < WRITE_CHUNK:
+            while self._frames and (not parts or size + len(self._frames[0]) <= limit):
                 chunk = self._frames.popleft()
                 parts.append(chunk)
                 size += len(chunk)
             self._frame_bytes -= size
-            return parts[0] if len(parts) == 1 else b"".join(parts)
+            return (parts[0] if len(parts) == 1 else b"".join(parts)), True
 
     def close(self) -> None:
         with self._ready:
@@ -110,26 +152,66 @@ class Outbox:
             self._ready.notify_all()
 
 
+def unsent_in_kernel(sock: socket.socket) -> int:
+    """Bytes written to ``sock`` that the peer has not acknowledged yet (``SIOCOUTQ``)."""
+    try:
+        return SIOCOUTQ_VALUE.unpack(fcntl.ioctl(sock.fileno(), SIOCOUTQ, bytes(4)))[0]
+    except OSError:
+        return 0
+
+
 class ClientConnection:
-    """The state of one GVRET client, shared by its handler thread and its writer thread."""
+    """One GVRET client: its protocol state (:class:`gvret.Connection`, shared by its handler
+    thread and the dispatcher under ``lock``), its outbox and the writer thread that empties it."""
 
     _tokens = itertools.count(1)
 
-    def __init__(self, sock: socket.socket, who: str, dialect: Optional[gvret.Dialect]) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        who: str,
+        device: gvret.Device,
+        *,
+        start_ns: int,
+        dialect: Optional[gvret.Dialect],
+        flow_control: bool,
+        logs: RateLimitedLog,
+    ) -> None:
         self.sock = sock
         self.who = who
         self.token = next(self._tokens)
-        self.fixed_dialect = dialect
-        self.dialect = dialect or gvret.Dialect.WIRETAP
-        self.streaming = False
+        self.lock = threading.Lock()
+        self.protocol = gvret.Connection(
+            device,
+            start_ns=start_ns,
+            dialect=dialect,
+            flow_control=flow_control,
+            origin=self.token,
+            now=time.monotonic(),
+        )
         self.outbox = Outbox(who)
-        self.fd_skipped = 0
+        self.logs = logs
         self.frames_sent = 0
         self.tx_refused = 0
         self._fd_skip_logged = False
-        self._read_only_logged = False
-        self._last_refusal_log = float("-inf")
         self._writer = threading.Thread(target=self._write_loop, name=f"writer-{who}", daemon=True)
+
+    @property
+    def streaming(self) -> bool:
+        return self.protocol.streaming
+
+    @property
+    def dialect(self) -> Optional[gvret.Dialect]:
+        return self.protocol.dialect
+
+    @property
+    def fd_skipped(self) -> int:
+        return self.protocol.fd_skipped
+
+    @property
+    def dropped(self) -> int:
+        """Frames this client lost: left out by its flow-control window or its full outbox."""
+        return self.protocol.frames_dropped + self.outbox.drops.total
 
     def start_writer(self) -> None:
         self._writer.start()
@@ -145,50 +227,88 @@ class ClientConnection:
         if self._writer.is_alive() and threading.current_thread() is not self._writer:
             self._writer.join(timeout)
 
-    def add_frames(self, data: bytes, count: int, fd_skipped: int) -> None:
-        if fd_skipped:
-            self.fd_skipped += fd_skipped
-            if not self._fd_skip_logged:
-                self._fd_skip_logged = True
+    def receive(self, data: bytes) -> List[gvret.ConnectionEvent]:
+        """The protocol's events for bytes the client sent."""
+        with self.lock:
+            protocol = self.protocol
+            undelivered = 0
+            if protocol.flow_controlled:
+                undelivered = self.outbox.frame_bytes + unsent_in_kernel(self.sock)
+            return protocol.receive_data(data, time.monotonic(), undelivered)
+
+    def deliver(self, frames: Sequence[Frame], shared: Dict[object, object]) -> None:
+        """Queue this client's share of a batch (called by the dispatcher; never blocks)."""
+        with self.lock:
+            out = self.protocol.send_frames(frames, time.monotonic(), shared)
+        for notice in out.notices:
+            if isinstance(notice, gvret.DialectChosen):
                 log.info(
-                    "client %s: CAN FD frames with more than 8 bytes are not sent to this client "
-                    "(classic GVRET cannot carry them)",
-                    self.who,
+                    "client %s: dialect %s (%s)", self.who, notice.dialect.value, notice.reason
                 )
-        if data and self.outbox.put_frames(data, count):
-            self.frames_sent += count
-
-    def log_refusal(self, reason: str) -> None:
-        """A refused transmit: counted always, logged at most once per 10 s."""
-        self.tx_refused += 1
-        now = time.monotonic()
-        if now - self._last_refusal_log >= REFUSAL_LOG_INTERVAL_S:
-            self._last_refusal_log = now
+                continue
             log.warning(
-                "client %s: transmit refused: %s (%d refused so far)",
+                "client %s: sent nothing for %.0f s, so it does not send keepalives: flow "
+                "control stopped for it (its reads are no longer bounded)",
                 self.who,
-                reason,
-                self.tx_refused,
+                notice.silent_s,
             )
+        if out.fd_skipped and not self._fd_skip_logged and self.dialect is gvret.Dialect.CLASSIC:
+            self._fd_skip_logged = True
+            log.info(
+                "client %s: CAN FD frames with more than 8 bytes are not sent to this client "
+                "(classic GVRET cannot carry them)",
+                self.who,
+            )
+        if out.dropped:
+            self.logs.log(
+                (self.who, "flow-control"),
+                logging.WARNING,
+                "client %s: reads slower than the buses (its keepalives come late): %d frames "
+                "dropped for it so far, to keep what waits for it under %d KB",
+                self.who,
+                self.dropped,
+                gvret.WINDOW_MAX // 1024,
+            )
+        if not out.data:
+            return
+        if out.cuts:
+            accepted = self.outbox.put_frame_pieces(out.pieces(), out.frames)
+        else:
+            accepted = self.outbox.put_frames(out.data, out.frames)
+        if accepted:
+            self.frames_sent += out.frames
 
-    def refuse_read_only(self) -> None:
+    def refuse(self, key: str, message: str, *args: object) -> None:
+        """A refused transmit: counted always, logged at most once per 10 s per kind."""
         self.tx_refused += 1
-        if not self._read_only_logged:
-            self._read_only_logged = True
-            log.warning("client %s: transmit refused: the server is read-only", self.who)
+        self.logs.log(
+            (self.who, key),
+            logging.WARNING,
+            "client %s: transmit refused: " + message + " (%d refused so far)",
+            self.who,
+            *args,
+            self.tx_refused,
+        )
 
     def _write_loop(self) -> None:
         sock = self.sock
         outbox = self.outbox
+        protocol = self.protocol
+        frames_from = 0.0
         try:
             while True:
-                data = outbox.take(SOCKET_POLL_S)
+                if protocol.paced:
+                    data, frames = outbox.take(SOCKET_POLL_S, gvret.PACE_BYTES, frames_from)
+                else:
+                    data, frames = outbox.take(SOCKET_POLL_S)
                 if data is None:
                     if outbox.closed:
                         return
                     continue
                 if not self._send_all(data):
                     return
+                if frames:
+                    frames_from = time.monotonic() + gvret.PACE_INTERVAL_S
         except OSError as exc:
             log.debug("client %s: write failed: %s", self.who, exc)
         finally:
@@ -220,7 +340,8 @@ class ClientConnection:
 
 
 class ClientHub:
-    """The broker's consumer for every GVRET client: encodes each batch once per dialect."""
+    """The broker's consumer for every GVRET client: hands each batch to every client, with one
+    encoding per dialect shared among them."""
 
     def __init__(self, start_ns: int) -> None:
         self.start_ns = start_ns
@@ -240,34 +361,19 @@ class ClientHub:
     def remove(self, client: ClientConnection) -> None:
         with self._lock:
             self._clients = tuple(c for c in self._clients if c is not client)
-            self.dropped_by_gone_clients += client.outbox.drops.total
+            self.dropped_by_gone_clients += client.dropped
             self.refused_by_gone_clients += client.tx_refused
 
     def client_drops(self) -> int:
-        return self.dropped_by_gone_clients + sum(c.outbox.drops.total for c in self._clients)
+        return self.dropped_by_gone_clients + sum(c.dropped for c in self._clients)
 
     def transmits_refused(self) -> int:
         return self.refused_by_gone_clients + sum(c.tx_refused for c in self._clients)
 
     def deliver(self, frames: Sequence[Frame]) -> None:
-        clients = self._clients
-        if not clients:
-            return
-        origins = {frame.origin for frame in frames if frame.origin}
-        encoded = {}
-        for client in clients:
-            if not client.streaming:
-                continue
-            if client.token in origins:
-                # The transmitting client is not sent its own frame back (server.md §2).
-                own = [frame for frame in frames if frame.origin != client.token]
-                client.add_frames(*gvret.encode_frames(own, client.dialect, self.start_ns))
-                continue
-            dialect = client.dialect
-            batch = encoded.get(dialect)
-            if batch is None:
-                batch = encoded[dialect] = gvret.encode_frames(frames, dialect, self.start_ns)
-            client.add_frames(*batch)
+        shared: Dict[object, object] = {}
+        for client in self._clients:
+            client.deliver(frames, shared)
 
 
 def _parse_networks(allow: Iterable[str]) -> List[ipaddress._BaseNetwork]:
@@ -293,10 +399,15 @@ class GvretServer(socketserver.ThreadingTCPServer):
         allow: Iterable[str] = (),
         max_clients: int = 16,
         dialect: str = "auto",
+        flow_control: str = "auto",
+        set_bitrate: Optional[SetBitrate] = None,
     ) -> None:
         self.hub = hub
         self.device = gvret.Device(bus_count, bus_params, self.now_us)
         self.transmit = transmit
+        self.set_bitrate = set_bitrate
+        self.flow_control = flow_control == "auto"
+        self.logs = RateLimitedLog(log, REFUSAL_LOG_INTERVAL_S)
         self.read_only = read_only
         self.allow = _parse_networks(allow)
         self.max_clients = max_clients
@@ -354,25 +465,34 @@ def _address(client_address: Tuple) -> str:
 
 
 class GvretHandler(socketserver.BaseRequestHandler):
-    """Owns one client connection for its lifetime: reads, parses, answers, transmits."""
+    """Owns one client connection for its lifetime: reads, hands the bytes to the client's
+    protocol state, and acts on its events (replies, transmits, logs)."""
 
     server: GvretServer
     request: socket.socket
 
     def setup(self) -> None:
         sock = self.request
+        server = self.server
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         sock.settimeout(SOCKET_POLL_S)
         self.who = _address(self.client_address)
         threading.current_thread().name = f"client-{self.who}"
-        self.client = ClientConnection(sock, self.who, self.server.fixed_dialect)
+        self.client = ClientConnection(
+            sock,
+            self.who,
+            server.device,
+            start_ns=server.hub.start_ns,
+            dialect=server.fixed_dialect,
+            flow_control=server.flow_control,
+            logs=server.logs,
+        )
 
     def handle(self) -> None:
         client = self.client
         log.info("client %s: connected", self.who)
-        parser = gvret.ClientParser()
         client.start_writer()
         self.server.hub.add(client)
         sock = self.request
@@ -385,7 +505,7 @@ class GvretHandler(socketserver.BaseRequestHandler):
                 break
             if not data:
                 break
-            if not self._handle_events(parser.feed(data)):
+            if not self._handle_events(client.receive(data)):
                 log.warning(
                     "client %s: sends commands but does not read the replies, disconnecting",
                     self.who,
@@ -397,67 +517,117 @@ class GvretHandler(socketserver.BaseRequestHandler):
         self.server.release(self.request)
         self.server.hub.remove(client)
         client.stop_writer()
+        self.server.logs.forget(self.who)
         log.info(
             "client %s: disconnected (%d frames sent, %d dropped)",
             self.who,
             client.frames_sent,
-            client.outbox.drops.total,
+            client.dropped,
         )
 
-    def _handle_events(self, events: List[gvret.Event]) -> bool:
+    def _handle_events(self, events: List[gvret.ConnectionEvent]) -> bool:
         """Act on a read's events; False when the client must be disconnected."""
         client = self.client
-        device = self.server.device
-        go_binary = False
+        logs = self.server.logs
+        who = self.who
         for event in events:
-            if isinstance(event, gvret.BinaryMode):
-                go_binary = True
-            elif isinstance(event, (gvret.Query, gvret.TimeSync)):
-                if (
-                    client.fixed_dialect is None
-                    and isinstance(event, gvret.Query)
-                    and event.cmd in (gvret.CMD_KEEPALIVE, gvret.CMD_GET_BUS_PARAMS)
-                ):
-                    # Only SavvyCAN sends these, and it cannot show FD frames (gvret.md §3).
-                    client.dialect = gvret.Dialect.CLASSIC
-                reply = gvret.reply_for(event, device)
-                if reply is not None and not client.outbox.put_reply(reply):
+            if isinstance(event, gvret.Reply):
+                if not client.outbox.put_reply(event.data):
                     return False
-            elif isinstance(event, gvret.Setting):
+            elif isinstance(event, gvret.Transmit):
+                self._transmit(event)
+            elif isinstance(event, gvret.BadTransmit):
+                client.refuse("bad-transmit", "%s", event.reason)
+            elif isinstance(event, gvret.TransmitRefused):
+                client.refuse(f"view-{event.bus}", "%s", event.reason)
+            elif isinstance(event, gvret.StreamingStarted):
+                dialect = event.dialect.value if event.dialect else "auto (not chosen yet)"
+                log.info("client %s: binary mode, dialect %s", who, dialect)
+            elif isinstance(event, gvret.DialectChosen):
+                log.info("client %s: dialect %s (%s)", who, event.dialect.value, event.reason)
+            elif isinstance(event, gvret.FlowControlStarted):
                 log.info(
-                    "client %s: ignoring command %02X %s (the server does not reconfigure "
-                    "interfaces for network clients)",
-                    self.who,
+                    "client %s: sends keepalives like SavvyCAN: at most %d KB will wait for it",
+                    who,
+                    gvret.WINDOW_MAX // 1024,
+                )
+            elif isinstance(event, gvret.BusSettingsChanged):
+                state = "on" if event.enabled else "off"
+                if event.enabled and event.listen_only:
+                    state = "on, listen-only"
+                logs.log(
+                    (who, f"bus-{event.bus}"),
+                    logging.INFO,
+                    "client %s: bus %d is now %s for this client (other clients unaffected)",
+                    who,
+                    event.bus,
+                    state,
+                )
+            elif isinstance(event, gvret.BitrateRequested):
+                self._bitrate(event)
+            elif isinstance(event, gvret.SettingIgnored):
+                logs.log(
+                    (who, f"setting-{event.cmd:02X}"),
+                    logging.INFO,
+                    "client %s: ignoring command %02X %s (nothing on this server to apply it to)",
+                    who,
                     event.cmd,
                     event.payload.hex(" "),
                 )
-            elif isinstance(event, gvret.BadTransmit):
-                client.log_refusal(event.reason)
-            elif isinstance(event, gvret.Transmit):
-                self._transmit(event)
-        # Streaming starts after the whole read is handled, so a client's first burst (SavvyCAN
-        # sends E7 and F1 06 together) has chosen its dialect before any frame goes out.
-        if go_binary and not client.streaming:
-            client.streaming = True
-            log.info("client %s: binary mode, dialect %s", self.who, client.dialect.value)
         return True
+
+    def _bitrate(self, event: gvret.BitrateRequested) -> None:
+        who = self.who
+        set_bitrate = self.server.set_bitrate
+        key = (who, f"bitrate-{event.bus}")
+        if set_bitrate is None:
+            self.server.logs.log(
+                key,
+                logging.INFO,
+                "client %s: asks for bus %d at %d bit/s (it runs at %d): not applied, the "
+                "server does not reconfigure interfaces (reconfigure_interfaces = false)",
+                who,
+                event.bus,
+                event.bitrate,
+                event.current,
+            )
+            return
+        try:
+            done = set_bitrate(event.bus, event.bitrate)
+        except RuntimeError as exc:
+            self.server.logs.log(
+                key,
+                logging.WARNING,
+                "client %s: asks for bus %d at %d bit/s: not applied: %s",
+                who,
+                event.bus,
+                event.bitrate,
+                exc,
+            )
+            return
+        log.warning(
+            "client %s: asked for bus %d at %d bit/s: %s", who, event.bus, event.bitrate, done
+        )
 
     def _transmit(self, event: gvret.Transmit) -> None:
         client = self.client
         server = self.server
         if event.echo:
-            frame = gvret.transmit_frame(event._replace(bus=0), time.time_ns())
-            client.add_frames(*gvret.encode_frames([frame], client.dialect, server.hub.start_ns))
+            frame = gvret.transmit_frame(dataclasses.replace(event, bus=0), time.time_ns())
+            data, count, _ = gvret.encode_frames(
+                [frame], client.dialect or gvret.Dialect.CLASSIC, server.hub.start_ns
+            )
+            client.outbox.put_frames(data, count)
             return
         if server.read_only:
-            client.refuse_read_only()
+            client.refuse("read-only", "the server is read-only")
             return
         if event.bus >= server.device.bus_count or not server.device.bus_params(event.bus).enabled:
-            client.log_refusal(f"no bus {event.bus} on this server")
+            client.refuse("bad-transmit", "no bus %d on this server", event.bus)
             return
         reason = server.transmit(gvret.transmit_frame(event), client.token)
         if reason is not None:
-            client.log_refusal(f"bus {event.bus}: {reason}")
+            client.refuse("bad-transmit", "bus %d: %s", event.bus, reason)
 
 
 class Beacon:

@@ -1,7 +1,9 @@
 """A minimal GVRET client for the vcan tier: binary mode, frame parsing, transmit.
 
-It behaves like the WireTAP desktop (``E7 E7``, never ``F1 09`` / ``F1 06``), so the server gives
-it the wiretap FD dialect: cmd ``00`` with the FD DLC code in the low nibble of the length byte.
+It behaves like the WireTAP desktop (``E7 E7 F1 07 F1 0C``, never ``F1 09`` / ``F1 06``), so the
+server gives it the wiretap FD dialect: cmd ``00`` with the FD DLC code in the low nibble of the
+length byte. (A client that sends only ``E7`` could still be SavvyCAN with the rest of its
+handshake on the way: for its first second, long FD frames are held back from it.)
 Written from the wire contract on purpose (not with ``wiretap.gvret``), so a bug shared by the
 server's encoder and a test's decoder cannot hide.
 """
@@ -16,6 +18,8 @@ from typing import List, NamedTuple
 
 FD_LENGTHS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 48, 64)
 EXTENDED_BIT = 0x80000000
+WIRETAP_HELLO = b"\xe7\xe7\xf1\x07\xf1\x0c"
+REPLY_SIZES = {b"\xf1\x07": 8, b"\xf1\x0c": 3}  # the replies to WIRETAP_HELLO, whole
 
 FRAME_HEAD = struct.Struct("<2sIIB")
 """Server -> client frame head: ``F1 00``, timestamp u32 µs, ID u32 (bit 31 = extended),
@@ -39,7 +43,7 @@ class GvretProbe:
 
     def __init__(self, port: int, host: str = "127.0.0.1") -> None:
         self.sock = socket.create_connection((host, port), timeout=10)
-        self.sock.sendall(b"\xe7\xe7")
+        self.sock.sendall(WIRETAP_HELLO)
         self._buffer = b""
         self._frames: List[GvretFrame] = []
 
@@ -87,6 +91,10 @@ class GvretProbe:
         buffer = self._buffer
         offset = 0
         while len(buffer) - offset >= FRAME_HEAD.size:
+            reply_size = REPLY_SIZES.get(buffer[offset : offset + 2])
+            if reply_size is not None:
+                offset += reply_size
+                continue
             command, ts_us, raw_id, length_byte = FRAME_HEAD.unpack_from(buffer, offset)
             assert command == b"\xf1\x00", (
                 f"unexpected message {buffer[offset : offset + 16].hex()}"

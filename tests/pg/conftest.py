@@ -33,13 +33,17 @@ def pg(pg_cluster: PgCluster) -> Iterator[PgCluster]:
 
 @pytest.fixture
 def make_writer(tmp_path: Path) -> Iterator[Callable[..., PgWriter]]:
-    """``make_writer(dsn, **postgres_settings)``: a started writer, stopped after the test."""
+    """``make_writer(dsn, **postgres_settings)``: a started writer, stopped after the test
+    (``statement_timeout_s`` goes to the writer itself)."""
     writers: List[PgWriter] = []
 
     def make(dsn: str, default_dir: str = "rx", **settings: object) -> PgWriter:
         settings = {"flush_interval": 0.05, "cache_path": str(tmp_path / "spool.db"), **settings}
+        timeouts = {}
+        if "statement_timeout_s" in settings:
+            timeouts["statement_timeout_s"] = settings.pop("statement_timeout_s")
         cfg = dataclasses.replace(PostgresConfig(), enable=True, dsn=dsn, **settings)
-        writer = PgWriter(cfg, default_dir)
+        writer = PgWriter(cfg, default_dir, **timeouts)
         writer.start()
         writers.append(writer)
         return writer

@@ -31,3 +31,13 @@ def wait_for(condition: Callable[[], object], what: str, timeout: float = WAIT_S
 
 def row_count(dsn: str) -> int:
     return fetch(dsn, "select count(*) from public.can_frame")[0][0]
+
+
+def balanced(writer) -> dict:
+    """The writer's accounting snapshot, asserting the identity
+    offered + carried == committed + spooled + in memory + dropped."""
+    snapshot = writer.snapshot()
+    assert snapshot["offered"] + snapshot["carried"] == (
+        snapshot["committed"] + snapshot["spooled"] + snapshot["in_memory"] + snapshot["dropped"]
+    ), snapshot
+    return snapshot

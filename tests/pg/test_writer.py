@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import List
 
 import pytest
-from pg_helpers import fetch, row_count, wait_for
+from pg_helpers import balanced, fetch, row_count, wait_for
 
 from wiretap.frames import Frame, make_frame
 
@@ -69,6 +69,7 @@ def test_rows_carry_every_field_in_each_mode(pg, make_writer, mode):
     assert rows[1][0].microsecond == 123_457
     assert writer.counters() == {
         "queued": 0, "enq": 5, "wrote": 5, "dropped": 0, "spooled": 0, "conn": 1, "rejected": 0,
+        "carried": 0,
     }  # fmt: skip
 
 
@@ -203,20 +204,24 @@ def test_poisoned_rows_are_logged_counted_and_skipped(pg, make_writer, pg_log):
     counters = writer.counters()
     assert (counters["rejected"], counters["dropped"], counters["conn"]) == (2, 2, 1)
     rejections = [r.getMessage() for r in pg_log.records if "database rejected frame" in r.message]
+    balanced(writer)
     assert len(rejections) == 2
     assert "DEAD" in rejections[0] and "poisoned frame 261" in rejections[0]
     assert "BEEF" in rejections[1] and "can_frame_dir_check" in rejections[1]
 
 
 @pytest.mark.parametrize(
-    "dsn",
+    ("dsn", "said"),
     [
-        "host=127.0.0.1 port={port} user=nobody password=hunter2 dbname=x",
-        "postgresql://nobody:hunter2@127.0.0.1:{port}/x",
-        "host=127.0.0.1 port={port} password='hunter2",  # libpq cannot parse it
+        ("host=127.0.0.1 port={port} user=nobody password=hunter2 dbname=x",
+         "database unavailable, caching frames to disk"),
+        ("postgresql://nobody:hunter2@127.0.0.1:{port}/x",
+         "database unavailable, caching frames to disk"),
+        ("host=127.0.0.1 port={port} password='hunter2",  # libpq cannot parse it: a mistake
+         "Fix: libpq cannot use the connection string: correct the DSN"),
     ],
-)
-def test_unreachable_database_at_start_spools_and_says_so(make_writer, tmp_path, pg_log, dsn):
+)  # fmt: skip
+def test_unreachable_database_at_start_spools_and_says_so(make_writer, tmp_path, pg_log, dsn, said):
     from pgcluster import free_port
 
     writer = make_writer(dsn.format(port=free_port()))
@@ -225,7 +230,7 @@ def test_unreachable_database_at_start_spools_and_says_so(make_writer, tmp_path,
     assert writer.counters()["conn"] == 0
     writer.stop()
     assert spool_rows(tmp_path / "spool.db") == 10
-    assert "database unavailable, caching frames to disk" in pg_log.text
+    assert said in pg_log.text
     assert "127.0.0.1" in pg_log.text  # the log says which database
     assert "hunter2" not in pg_log.text
 
@@ -243,18 +248,3 @@ def test_full_queue_and_full_spool_drop_visibly(make_writer, pg_log):
     assert "queue high water mark: 80 % (80 of 100 frames)" in pg_log.text
     assert "queue high water mark: 95 % (95 of 100 frames)" in pg_log.text
     assert "queue FULL" in pg_log.text
-
-
-def test_a_queue_filling_faster_than_the_database_spills_to_the_spool_in_order(
-    pg, make_writer, pg_log
-):
-    writer = make_writer(pg.dsn, queue_size=1000, batch_size=100)
-    writer.deliver(numbered(950))  # over 80 % of the queue even after one batch is taken
-    wait_for(lambda: row_count(pg.dsn) == 950, "all rows")
-    wait_for(lambda: writer.counters()["spooled"] == 0, "spool drained")
-    assert fetch(
-        pg.dsn, "select array_agg(ts order by row_id) = array_agg(ts order by ts)"
-        " from public.can_frame"
-    ) == [(True,)]  # fmt: skip
-    assert "cached frames to database" in pg_log.text
-    assert writer.counters()["dropped"] == 0

@@ -1,5 +1,3 @@
-"""PostgreSQL ingest: the batch writer (:mod:`.writer`) and its on-disk spool (:mod:`.spool`)."""
-
-from .writer import PgWriter
-
-__all__ = ["PgWriter"]
+"""PostgreSQL ingest: pure row encoding (:mod:`.rows`, :mod:`.names`), the accounting
+(:mod:`.ledger`), the on-disk spool (:mod:`.spool`), error diagnosis (:mod:`.diagnosis`) and the
+writer's threads and policy (:mod:`.writer`). Importing this package imports none of them."""

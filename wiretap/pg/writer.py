@@ -1,47 +1,66 @@
-"""The PostgreSQL writer: a bounded queue from the broker, batches, and no silent loss.
+"""The PostgreSQL writer: its two threads and their policy.
 
-Owns: the writer's queue (``deliver`` is the broker-facing side and never blocks), the
-``pg-writer`` thread that turns frames into rows and writes them in one transaction per batch
-(modes ``insert``, ``function``, ``copy``), reconnecting with exponential backoff, parking rows in
-the :class:`~wiretap.pg.spool.Spool` while the database is away and draining it oldest first,
-bisecting batches the database rejects for their content, and the writer's counters.
+Owns: ``deliver`` (the broker-facing side, never blocks), the ``pg-writer`` thread that writes one
+transaction per batch (modes ``insert``, ``function``, ``copy``), reconnects with exponential
+backoff, drains the spool oldest first and bisects batches the database rejects for their
+content; and the ``pg-keeper`` thread, which moves frames from memory to the spool whenever the
+writer cannot take them (the database is away, or a statement has run for more than a second),
+and abandons a connection whose statement gets no answer by its deadline. Neither thread waits for
+the other: a database that stops answering holds up the writer only.
 
-Order is kept by one rule: the spool only ever holds frames older than everything in the queue
-(it is filled from the queue's head), and while it holds anything it is written first.
+Where each frame is, is the :class:`~wiretap.pg.ledger.Ledger`'s business; rows and their SQL or
+COPY bytes come from :mod:`.rows`; what an error means, from :mod:`.diagnosis`.
+
+Order is kept by one rule: a frame enters the spool under its number (its place in arrival
+order), and while the spool holds anything, it is written first.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import io
 import logging
+import os
+import socket
 import sqlite3
-import struct
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 
-from ..broker import DropReporter
-from ..config import SQL_FUNCTION_NAME, mask_dsn
-from ..frames import TX, Frame
-from .spool import ROW_OVERHEAD_BYTES, Row, Spool, row_cost
-
-if TYPE_CHECKING:
-    from ..config import PostgresConfig
+from ..frames import Frame
+from ..ratelimit import RateLimitedLog
+from .diagnosis import CONFIG, CONTENT, OUTAGE, Diagnosis, diagnose, first_line
+from .ledger import QUEUE_FULL, REJECTED, SHUTDOWN, WRITER_ERROR, Ledger
+from .names import describe_dsn
+from .rows import (
+    COLUMNS,
+    COPY_SQL,
+    INSERT_SQL,
+    ROW_TEMPLATE,
+    Row,
+    TimestampText,
+    encode_copy,
+    frame_rows,
+    function_sql,
+    render_rows,
+)
+from .spool import Intent, Spool
 
 log = logging.getLogger("wiretap.pg")
 
 APPLICATION_NAME = "wiretap-server"
-STATEMENT_TIMEOUT = "10s"
+STATEMENT_TIMEOUT_S = 10.0
+# A statement without any answer this long after the server's own statement_timeout should have
+# ended it is abandoned: the server is frozen or the network swallows packets.
+ABANDON_FACTOR = 1.5
 # Applied unless the DSN says otherwise: a dead host or a silently dropped connection must end
 # in an error the writer can act on, not in a thread blocked for minutes.
 CONNECTION_DEFAULTS = {
-    "connect_timeout": "5",
+    "connect_timeout": "3",
     "keepalives": "1",
     "keepalives_idle": "10",
     "keepalives_interval": "3",
@@ -51,585 +70,746 @@ BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 10.0
 HIGH_WATER_MARKS = (0.80, 0.95)
 # Above this fill level the queue's head moves to the spool (until the queue is half full) even
-# while the database is up, since it is slower than the bus: the queue must keep room for bursts,
-# and the spool is far bigger.
+# while the database answers, since it is slower than the bus.
 SPILL_FRACTION = HIGH_WATER_MARKS[0]
+# A statement running longer than this is "holding the writer up": the keeper moves the queue to
+# the spool meanwhile, so frames reach the disk within about a second of a database going away.
+SLOW_STATEMENT_S = 1.0
+KEEPER_TICK_S = 0.2
 SPOOL_CHUNK_ROWS = 20_000
 IDLE_WAIT_S = 0.5
-SPOOL_DELETE_RETRY_S = 1.0
-# "Spool is full" is said again only once this share of it is free: during a long drain each
-# batch frees a little room that the queue fills at once, and that is one condition, not many.
-SPOOL_FULL_CLEAR_FRACTION = 0.10
-SPOOL_ERROR_LOG_INTERVAL_S = 10.0
-# A func that rejects everything must not flood the journal: rejected frames are logged one by one
-# up to this many per interval (all of them are counted).
-REJECT_LOG_BURST = 20
-REJECT_LOG_INTERVAL_S = 10.0
-# SQLSTATE classes that blame the rows, not the connection: data exception, integrity
-# constraint, SQL routine / external routine / trigger exceptions, PL/pgSQL raise, check option.
-CONTENT_ERROR_CLASSES = frozenset({"22", "23", "2F", "38", "39", "P0", "44"})
-
-COLUMNS = "ts, id, extended, dlc, is_fd, data_bytes, bus, dir"
-INSERT_SQL = f"INSERT INTO public.can_frame ({COLUMNS}) VALUES %s"
-# Each row reaches execute_values as one ready SQL literal (see render_row): letting psycopg2
-# adapt eight parameters per row costs 2.5x the client CPU. The ts goes as a text literal, which
-# PostgreSQL parses once; an expression per row (epoch + n * interval) cost it twice the time of
-# the rest of the row.
-ROW_TEMPLATE = "%s"
-SQL_BOOL = ("false", "true")
-COPY_SQL = f"COPY public.can_frame ({COLUMNS}) FROM STDIN WITH (FORMAT binary)"
-
-COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
-COPY_TRAILER = struct.pack("!h", -1)
-PG_EPOCH_US = 946_684_800 * 1_000_000  # 2000-01-01T00:00:00Z, where binary timestamptz counts from
-COPY_ROW_HEAD = struct.Struct("!hiqiiiBihiBi")
-"""One binary COPY row up to the payload: field count (8), then ``int32 length`` + value for
-``ts`` (int8 µs since 2000-01-01), ``id`` (int4), ``extended`` (bool), ``dlc`` (int2), ``is_fd``
-(bool), and the length of ``data_bytes`` (whose bytes follow)."""
-COPY_ROW_BUS = struct.Struct("!ii")
-"""``bus``: length 4, int4 value. ``dir`` follows as a ready-made length + text field."""
-COPY_DIR_FIELD = {"rx": struct.pack("!i", 2) + b"rx", "tx": struct.pack("!i", 2) + b"tx"}
+RETRY_S = 1.0
+# The share of the stop budget the writer may spend writing to PostgreSQL; then its statement is
+# abandoned and the rest of the budget parks what is left in the spool.
+STOP_WRITER_SHARE = 0.6
+# An unexpected error with the same batch this many times: the batch is dropped and counted.
+WRITER_ERROR_RETRIES = 3
+CONFIG_LOG_INTERVAL_S = 60.0
+LOG_INTERVAL_S = 10.0
+TXID_SQL = "SELECT txid_current()"
 
 
-class TimestampText:
-    """µs since the epoch -> PostgreSQL timestamptz text in UTC, the date and time of the
-    current second cached (frames arrive in time order)."""
+class WriterSettings(Protocol):
+    """What the writer needs of the ``[postgres]`` configuration (any object with these)."""
 
-    def __init__(self) -> None:
-        self._second: Optional[int] = None
-        self._prefix = ""
-
-    def __call__(self, ts_us: int) -> str:
-        second, micros = divmod(ts_us, 1_000_000)
-        if second != self._second:
-            self._second = second
-            self._prefix = time.strftime("%Y-%m-%d %H:%M:%S.", time.gmtime(second))
-        return f"{self._prefix}{micros:06d}+00"
-
-
-def render_row(ts_text: str, row: Row, casts: bool) -> psycopg2.extensions.AsIs:
-    """One row as a SQL ``(…)`` literal. Safe to paste: ``ts_text`` comes from
-    :class:`TimestampText`, numbers are formatted as integers (anything else raises), the payload
-    as hex, and ``dir`` is one of the validated ``rx``/``tx``. ``casts`` types the columns of a
-    bare ``VALUES`` list (function mode), where nothing else would; ``dlc`` must be smallint.
-    """
-    _ts_us, can_id, extended, dlc, is_fd, data, bus, direction = row
-    if direction not in ("rx", "tx"):
-        raise ValueError(f"direction {direction!r}")
-    if casts:
-        text = (
-            f"('{ts_text}'::timestamptz,{can_id:d},{SQL_BOOL[extended]},{dlc:d}::smallint,"
-            f"{SQL_BOOL[is_fd]},E'\\\\x{data.hex()}'::bytea,{bus:d},'{direction}'::text)"
-        )
-    else:
-        text = (
-            f"('{ts_text}',{can_id:d},{SQL_BOOL[extended]},{dlc:d},{SQL_BOOL[is_fd]},"
-            f"E'\\\\x{data.hex()}'::bytea,{bus:d},'{direction}')"
-        )
-    return psycopg2.extensions.AsIs(text)
+    dsn: str
+    mode: str
+    func: str
+    batch_size: int
+    flush_interval: float
+    queue_size: int
+    dir: Optional[str]
+    cache_path: str
+    cache_max_mb: float
 
 
 class _Unavailable(Exception):
-    """The database failed (not the rows); the first ``done`` rows are committed or rejected."""
+    """The database failed, not the rows; rows before ``done`` are committed or dropped.
+    ``in_doubt``: the rows ``done..end`` were being committed when the connection failed, by
+    transaction ``(txid, backend)``, which may or may not have committed."""
 
-    def __init__(self, done: int, reason: str) -> None:
-        super().__init__(reason)
+    def __init__(
+        self, done: int, diagnosis: Diagnosis, in_doubt: Optional[Tuple[int, int, int]] = None
+    ) -> None:
+        super().__init__(diagnosis.cause)
         self.done = done
-        self.reason = reason
+        self.diagnosis = diagnosis
+        self.in_doubt = in_doubt  # (end, txid, backend)
 
 
-def quote_function_name(name: str) -> str:
-    """``schema.func`` as a quoted SQL identifier; ``ValueError`` unless it is a plain one.
-    Checked here as well as in the configuration, since this is where it is pasted into SQL."""
-    if not SQL_FUNCTION_NAME.fullmatch(name):
-        raise ValueError(f"not a plain or schema-qualified SQL identifier: {name!r}")
-    return ".".join(f'"{part}"' for part in name.split("."))
+class _SpoolStuck(Exception):
+    """The spool refused to record an intent (a full disk): nothing was committed."""
 
 
-def _reason(error: BaseException) -> str:
-    text = getattr(error, "pgerror", None) or str(error) or type(error).__name__
-    return text.strip().splitlines()[0]
+def connect(
+    dsn: str, statement_timeout_s: float = STATEMENT_TIMEOUT_S
+) -> psycopg2.extensions.connection:
+    """A connection with the writer's application name, timeouts and keepalives."""
+    params = psycopg2.extensions.parse_dsn(dsn) if dsn else {}
+    extra = {key: value for key, value in CONNECTION_DEFAULTS.items() if key not in params}
+    conn = psycopg2.connect(dsn, application_name=APPLICATION_NAME, **extra)
+    with conn.cursor() as cur:
+        cur.execute("SET statement_timeout = %s", (f"{int(statement_timeout_s * 1000)}ms",))
+    conn.commit()
+    return conn
 
 
-def _is_content_error(error: BaseException) -> bool:
-    """Whether a failed batch is the rows' fault (bisect it) rather than the database's."""
-    if not isinstance(error, psycopg2.Error):
-        return True  # a row that cannot even be encoded
-    code = error.pgcode
-    return bool(code) and code[:2] in CONTENT_ERROR_CLASSES
+def probe_sql(mode: str, func: str) -> str:
+    """A statement that writes no row but needs everything a real write needs: the table or
+    function, its columns or arguments, and the privilege to use them."""
+    if mode == "function":
+        return function_sql(func).replace(
+            "(VALUES %s)",
+            "(SELECT now(), 0, false, 0::smallint, false, ''::bytea, 0, 'rx'::text WHERE false)",
+        )
+    return (
+        f"INSERT INTO public.can_frame ({COLUMNS})"
+        " SELECT now(), 0, false, 0, false, ''::bytea, 0, 'rx' WHERE false"
+    )
+
+
+def probe(conn: psycopg2.extensions.connection, mode: str, func: str) -> None:
+    """Run :func:`probe_sql` and the transaction-status function the spool relies on; rolls
+    back. Raises what the database said."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute(probe_sql(mode, func))
+            cur.execute("SELECT txid_status(txid_current())")
+    finally:
+        conn.rollback()
+
+
+def check_target(settings: WriterSettings) -> Tuple[str, str]:
+    """For ``--check-config``: ``("ok", text)``, ``("mistake", cause — fix)`` or
+    ``("unreachable", cause)``."""
+    try:
+        conn = connect(settings.dsn or "")
+    except psycopg2.Error as error:
+        found = diagnose(error)
+        if found.kind == CONFIG:
+            return "mistake", f"{found.cause} — {found.fix}"
+        return "unreachable", found.cause
+    try:
+        probe(conn, settings.mode, settings.func)
+    except psycopg2.Error as error:
+        found = diagnose(error)
+        if found.kind == CONFIG:
+            return "mistake", f"{found.cause} — {found.fix}"
+        return "unreachable", found.cause
+    finally:
+        conn.close()
+    target = settings.func if settings.mode == "function" else "public.can_frame"
+    return "ok", f"{describe_dsn(settings.dsn or '')}: {target} accepts mode {settings.mode}"
 
 
 class PgWriter:
     """Consumer that stores every frame in PostgreSQL, or in the spool until it can."""
 
-    def __init__(self, cfg: PostgresConfig, default_dir: str) -> None:
-        self._dsn = cfg.dsn or ""
-        self._mode = cfg.mode
-        self._batch_size = cfg.batch_size
-        self._flush_interval = cfg.flush_interval
-        self._queue_size = cfg.queue_size
-        self._rx_dir = cfg.dir or default_dir
-        self._cache_path = cfg.cache_path
-        self._cache_max_bytes = int(cfg.cache_max_mb * 1024 * 1024)
+    def __init__(
+        self,
+        settings: WriterSettings,
+        default_dir: str,
+        statement_timeout_s: float = STATEMENT_TIMEOUT_S,
+    ) -> None:
+        self._dsn = settings.dsn or ""
+        self._mode = settings.mode
+        self._func = settings.func
+        self._batch_size = settings.batch_size
+        self._flush_interval = settings.flush_interval
+        self._queue_size = settings.queue_size
+        self._rx_dir = settings.dir or default_dir
+        self._cache_path = settings.cache_path
+        self._cache_max_bytes = int(settings.cache_max_mb * 1024 * 1024)
+        self._statement_timeout_s = statement_timeout_s
+        self._abandon_after = statement_timeout_s * ABANDON_FACTOR
         self._write_batch: Callable[[Any, List[Row]], None] = {
             "insert": self._insert,
             "function": self._call_function,
             "copy": self._copy,
-        }[cfg.mode]
-        if cfg.mode == "function":
-            self._function_sql = (
-                f"SELECT {quote_function_name(cfg.func)}"
-                "(v.ts, v.extended, v.is_fd, v.id, NULL::text, v.dlc, v.data_bytes, v.bus, v.dir)"
-                f" FROM (VALUES %s) AS v ({COLUMNS})"
-            )
-
+        }[settings.mode]
+        if settings.mode == "function":
+            self._function_sql = function_sql(settings.func)
         self._ts_text = TimestampText()
 
-        self._queue: Deque[Frame] = collections.deque()
+        self.ledger = Ledger(self._queue_size)
+        self._spool: Optional[Spool] = None
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._stop_deadline = float("inf")
+        self._keeper_final = threading.Event()
+        self._writer_deadline = float("inf")
         self._thread: Optional[threading.Thread] = None
-        self._in_flight = 0  # frames taken from the queue and not yet stored or spooled
-        self._spool: Optional[Spool] = None
+        self._keeper: Optional[threading.Thread] = None
+
         self._conn: Optional[psycopg2.extensions.connection] = None
-        self._backend_pid: Optional[int] = None
+        self._conn_lock = threading.Lock()  # the keeper never touches a socket being closed
+        self._conn_names: Tuple[object, object] = ("", "")
+        self._backend = 0
+        self._statement_started: Optional[float] = None
+        self._held: Tuple[int, List[Frame]] = (0, [])  # the writer's live batch
+        self._held_failures = 0
+        self._in_doubt: Optional[Tuple[int, int, int, List[Frame], List[Row]]] = None
+        self._unsettled: Optional[Tuple[Intent, bool]] = None  # a settle to try again
+        self._resolve_needed = True  # after every (re)connect: intents a failure may have left
 
         self._marks = [int(self._queue_size * fraction) for fraction in HIGH_WATER_MARKS]
-        self._next_mark = 0  # index into _marks of the next level to warn about
-        self._full_logged = False
-        self._queue_drops = DropReporter("PostgreSQL writer")
+        self._next_mark = 0
         self._spill_level = int(self._queue_size * SPILL_FRACTION)
-
-        self._outage = False  # "database unavailable" already said for the current outage
+        self._outage = False  # the database failed and has not taken a batch since
+        self._outage_logged = False
         self._draining = False
-        self._spool_full_logged = False
-        self._spool_error_logged_at = float("-inf")
-        self._delete_failing = False
-        self._next_delete = 0.0
         self._backoff = BACKOFF_START_S
         self._next_attempt = 0.0
         self._last_take = 0.0
-        self._reject_window_start = float("-inf")
-        self._reject_logged = 0
-        self._reject_unlogged = 0
-
-        self.enq = 0
-        self.wrote = 0
-        self.rejected = 0
+        self._logs = RateLimitedLog(log, LOG_INTERVAL_S)
+        self._config_log = RateLimitedLog(log, CONFIG_LOG_INTERVAL_S)
+        self.config_problem = ""  # the current configuration mistake, for status pages
+        self.connects = 0  # connection attempts
 
     # -- broker side (dispatcher thread) --------------------------------------------------------
 
     def deliver(self, frames: Sequence[Frame]) -> None:
         """Queue frames for the writer thread; drops and counts what does not fit. Never blocks."""
-        queue = self._queue
         count = len(frames)
-        room = self._queue_size - len(queue)
-        if count > room:
-            room = max(room, 0)
-            self._queue_full(count - room)
-            frames = frames[:room]
-            count = room
-            if not count:
-                return
-        queue.extend(frames)
-        self.enq += count
-        length = len(queue)
+        accepted, length = self.ledger.offer(frames)
+        if accepted < count:
+            self._logs.log(
+                "queue-full", logging.WARNING,
+                "queue FULL (%d frames): dropped %d new frames (dropped=%d so far)",
+                self._queue_size, count - accepted, self.ledger.dropped[QUEUE_FULL],
+            )  # fmt: skip
         if self._next_mark < len(self._marks) and length >= self._marks[self._next_mark]:
-            self._high_water(length)
+            while self._next_mark < len(self._marks) and length >= self._marks[self._next_mark]:
+                log.warning(
+                    "queue high water mark: %d %% (%d of %d frames)",
+                    round(100 * HIGH_WATER_MARKS[self._next_mark]), length, self._queue_size,
+                )  # fmt: skip
+                self._next_mark += 1
         # Wake the writer when a batch is complete or when it may be idle (the queue held only
         # these frames); anything in between it collects at its flush deadline.
-        if length <= count or length >= self._batch_size:
+        if length <= accepted or length >= self._batch_size:
             self._wake.set()
-
-    def _high_water(self, length: int) -> None:
-        while self._next_mark < len(self._marks) and length >= self._marks[self._next_mark]:
-            log.warning(
-                "queue high water mark: %d %% (%d of %d frames)",
-                round(100 * HIGH_WATER_MARKS[self._next_mark]),
-                length,
-                self._queue_size,
-            )
-            self._next_mark += 1
-            if self._next_mark == len(self._marks) and self._in_flight:
-                # The writer keeps the queue under 80 % by spilling to the spool, so reaching
-                # the last mark means it is held inside one statement (a lock, a database that
-                # stopped answering). Cancel it: the writer then parks the queue in the spool,
-                # and frames are not dropped while the spool has room (postgres.md 4).
-                log.warning("the database holds the writer up, moving the queue to the spool")
-                self._cancel_statement()
-
-    def _queue_full(self, dropped: int) -> None:
-        if not self._full_logged:
-            self._full_logged = True
-            log.warning("queue FULL (%d frames), dropping new frames", self._queue_size)
-        self._queue_drops.add(dropped)
 
     # -- control --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Open the spool (a previous run's leftovers are drained first) and start the thread."""
+        """Open the spool (a previous run's leftovers are drained first) and start the threads.
+        ``OSError`` / ``sqlite3.Error`` when the spool cannot be opened."""
+        folder = os.path.dirname(os.path.abspath(self._cache_path))
+        os.makedirs(folder, mode=0o700, exist_ok=True)
         self._spool = Spool(self._cache_path, self._cache_max_bytes)
+        self.ledger = Ledger(self._queue_size, self._spool.count, self._spool.last_seq + 1)
         if self._spool.count:
             log.info("spool %s holds %d frames from a previous run", self._cache_path,
                      self._spool.count)  # fmt: skip
         log.info(
             "PostgreSQL writer: %s, mode=%s, batch_size=%d, flush_interval=%gs, spool=%s",
-            mask_dsn(self._dsn),
-            self._mode,
-            self._batch_size,
-            self._flush_interval,
+            describe_dsn(self._dsn), self._mode, self._batch_size, self._flush_interval,
             self._cache_path,
-        )
+        )  # fmt: skip
         self._thread = threading.Thread(target=self._run, name="pg-writer", daemon=True)
+        self._keeper = threading.Thread(target=self._keep, name="pg-keeper", daemon=True)
         self._thread.start()
+        self._keeper.start()
 
     def stop(self, timeout: float = 8.0) -> None:
-        """Write the queue to PostgreSQL, or to the spool if it is down; then stop the thread.
+        """Write what is in memory to PostgreSQL, or to the spool when it cannot; then stop.
 
-        A statement still running at three quarters of ``timeout`` (a table lock, a database
-        that stopped answering) is cancelled, so the thread parks its batch and the queue in the
-        spool in the time left instead of being cut off at exit with them.
+        The writer has ``STOP_WRITER_SHARE`` of ``timeout``; a statement still running then is
+        abandoned, and the rest of the time parks the queue and the writer's batch in the spool.
+        What still does not fit is dropped and counted; the last line tells where every frame is.
         """
-        if self._thread is None or not self._thread.is_alive():
+        if self._thread is None or self._stopping.is_set():
             return
         started = time.monotonic()
-        self._stop_deadline = started + timeout * 0.75
+        self._writer_deadline = started + timeout * STOP_WRITER_SHARE
         self._stopping.set()
         self._wake.set()
-        self._thread.join(self._stop_deadline - started)
+        self._thread.join(max(started + timeout * 0.75 - time.monotonic(), 0.0))
+        self._keeper_final.set()
+        self._keeper.join(max(started + timeout * 0.95 - time.monotonic(), 0.0))
         if self._thread.is_alive():
-            self._cancel_statement()
-            self._thread.join(max(started + timeout - time.monotonic(), 0.0))
-        if self._thread.is_alive():
-            log.error("pg-writer did not stop within %.1f s: %d frames lost (queued or in flight)",
-                      timeout, len(self._queue) + self._in_flight)  # fmt: skip
-
-    def _cancel_statement(self) -> None:
-        """Ask the server to cancel the writer's running statement, over a connection of its own
-        in a thread of its own. Not ``conn.cancel()``: psycopg2 holds the GIL through libpq's
-        cancel request, whose connect has no timeout, so an unreachable host would freeze the
-        whole process instead of this one thread."""
-        pid = self._backend_pid
-        if self._conn is None or pid is None:
-            return
-
-        def cancel() -> None:
-            try:
-                with contextlib.closing(psycopg2.connect(
-                    self._dsn, application_name=APPLICATION_NAME, connect_timeout="2"
-                )) as conn:  # fmt: skip
-                    conn.autocommit = True
-                    with conn.cursor() as cur:
-                        cur.execute("SELECT pg_cancel_backend(%s)", (pid,))
-            except psycopg2.Error as error:
-                log.warning("cannot cancel the writer's statement: %s", _reason(error))
-
-        threading.Thread(target=cancel, name="pg-cancel", daemon=True).start()
+            held = self.ledger.in_flight
+            log.error("pg-writer did not stop within %.1f s: %d frames it held are lost",
+                      timeout, held)  # fmt: skip
+            self.ledger.dropped_from_memory(held, SHUTDOWN, by_writer=True)
+        if not self._keeper.is_alive():
+            left = self.ledger.drop_queue(SHUTDOWN)
+            if left:
+                log.error("dropped %d frames at shutdown: the spool %s has no room for them",
+                          left, self._cache_path)  # fmt: skip
+            if not self._thread.is_alive():
+                self._spool.close()
+        snapshot = self.ledger.snapshot()
+        log.info(
+            "pg-writer stopped: offered=%d carried=%d committed=%d spooled=%d in_memory=%d"
+            " dropped=%d (%s)%s",
+            snapshot["offered"], snapshot["carried"], snapshot["committed"], snapshot["spooled"],
+            snapshot["in_memory"], snapshot["dropped"],
+            " ".join(f"{reason}={count}" for reason, count in self.ledger.dropped.items()),
+            "" if Ledger.balances(snapshot) else " -- THE ACCOUNTS DO NOT BALANCE",
+        )  # fmt: skip
 
     def counters(self) -> Dict[str, int]:
-        """``spooled`` is the number of frames in the spool now; ``dropped`` includes rows the
-        database rejected (also in ``rejected``)."""
+        """The stats line's database fields: ``queued`` is every frame in memory, ``spooled``
+        every row in the spool not yet stored, ``dropped`` every lost frame (all reasons),
+        ``carried`` the rows a previous run left in the spool."""
+        snapshot = self.ledger.snapshot()
         return {
-            "queued": len(self._queue),
-            "enq": self.enq,
-            "wrote": self.wrote,
-            "dropped": self._queue_drops.total + self.rejected,
-            "spooled": self._spool.count if self._spool else 0,
+            "queued": snapshot["in_memory"],
+            "enq": snapshot["offered"],
+            "wrote": snapshot["committed"],
+            "dropped": snapshot["dropped"],
+            "spooled": snapshot["spooled"],
             "conn": 1 if self._conn is not None else 0,
-            "rejected": self.rejected,
+            "rejected": snapshot[f"dropped_{REJECTED}"],
+            "carried": snapshot["carried"],
         }
 
     def oldest_queued_ns(self) -> Optional[int]:
-        """Receive time of the oldest frame waiting in memory, None when the queue is empty."""
-        try:
-            return self._queue[0].ts_ns
-        except IndexError:
-            return None
+        """Receive time of the oldest frame waiting in the queue, None when it is empty."""
+        return self.ledger.oldest_ns()
 
-    # -- writer thread --------------------------------------------------------------------------
+    def snapshot(self) -> Dict[str, int]:
+        """Every term of the accounting identity, drops by reason (see :class:`Ledger`)."""
+        return self.ledger.snapshot()
+
+    # -- pg-keeper thread -----------------------------------------------------------------------
+
+    def _keep(self) -> None:
+        while True:
+            final = self._keeper_final.wait(KEEPER_TICK_S)
+            try:
+                self._watch_statement()
+                self._spool_waiting(final)
+            except Exception:
+                self._logs.log("keeper-error", logging.ERROR, "pg-keeper: unexpected error",
+                               exc_info=True)  # fmt: skip
+            if final:
+                return
+
+    def _watch_statement(self) -> None:
+        started = self._statement_started
+        if started is None:
+            return
+        deadline = started + self._abandon_after
+        if self._stopping.is_set():
+            deadline = min(deadline, self._writer_deadline)
+        if time.monotonic() >= deadline:
+            self._abandon(time.monotonic() - started)
+
+    def _abandon(self, waited: float) -> None:
+        """Shut the connection's socket down under the writer: its statement fails at once,
+        whatever the server does (a frozen server cannot take a cancel request either)."""
+        with self._conn_lock:
+            conn = self._conn
+            if conn is None or conn.closed:
+                return
+            try:
+                sock = socket.socket(fileno=os.dup(conn.fileno()))
+            except (OSError, psycopg2.Error):
+                return
+            with sock:
+                if self._socket_names(sock) != self._conn_names:
+                    return  # libpq closed it and the number now belongs to another socket
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        self._logs.log(
+            "abandon", logging.WARNING,
+            "PostgreSQL did not answer for %.1f s: abandoning the connection", waited,
+        )  # fmt: skip
+
+    @staticmethod
+    def _socket_names(sock: socket.socket) -> Tuple[object, object]:
+        try:
+            return sock.getsockname(), sock.getpeername()
+        except OSError:
+            return None, None
+
+    def _spool_waiting(self, final: bool) -> None:
+        """Move frames the writer cannot take to the spool: all of them when the database is
+        away, a statement holds the writer up, the spool has a backlog to drain first, or the
+        writer is done; down to half the queue when it is above the spill level. So frames
+        wait in memory a fraction of a second at most, unless the spool is full."""
+        ledger = self.ledger
+        if not ledger.queued:
+            if self._next_mark:
+                self._next_mark = 0
+            return
+        started = self._statement_started
+        if (
+            final
+            or self._outage
+            or ledger.spooled  # a backlog drains first: new frames wait on disk behind it
+            or (started is not None and time.monotonic() - started > SLOW_STATEMENT_S)
+            or (self._stopping.is_set() and self._conn is None)
+            or (self._stopping.is_set() and time.monotonic() >= self._writer_deadline)
+        ):
+            left = ledger.queued
+        elif ledger.queued > self._spill_level:
+            left = ledger.queued - self._queue_size // 2
+        else:
+            if ledger.queued < self._queue_size // 2:
+                self._next_mark = 0
+            return
+        while left > 0:
+            first, frames = ledger.take_for_spool(min(SPOOL_CHUNK_ROWS, left))
+            if not frames:
+                break
+            stored = self._spool_frames(first, frames, by_writer=False)
+            left -= len(frames)
+            if stored < len(frames):
+                break
+        self._wake.set()
+
+    def _spool_frames(
+        self,
+        first: int,
+        frames: List[Frame],
+        by_writer: bool,
+        rows: Optional[List[Row]] = None,
+    ) -> int:
+        """Spool as many of ``frames`` (taken from the ledger) as fit; the rest go back to the
+        queue's head. Returns how many were spooled."""
+        if rows is None:
+            rows = frame_rows(frames, self._rx_dir)
+        fit = self._spool.fitting(rows)
+        if fit:
+            try:
+                self._spool.append(first, rows[:fit])
+            except sqlite3.Error as error:
+                self._logs.log("spool-write", logging.ERROR, "cannot write spool %s: %s",
+                               self._cache_path, error)  # fmt: skip
+                fit = 0
+            else:
+                self.ledger.spooled_from_memory(fit, by_writer)
+        if fit < len(frames):
+            self._logs.log(
+                "spool-full", logging.ERROR,
+                "spool %s is full (%d frames, %d of %d MB, or its disk): frames wait in the"
+                " queue, and are dropped and counted when it overflows",
+                self._cache_path, self._spool.count, self._spool.size_bytes >> 20,
+                self._cache_max_bytes >> 20,
+            )  # fmt: skip
+            self.ledger.give_back(first + fit, frames[fit:], by_writer)
+        return fit
+
+    # -- pg-writer thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
         try:
             while not self._finished():
                 try:
-                    if self._step():
-                        break
+                    self._step()
                 except Exception:
-                    # A bug or a broken spool must not end ingest for good: log it, start over
-                    # with a fresh connection, and keep the frames where they are.
-                    log.exception("pg-writer hit an unexpected error; retrying in 1 s")
-                    self._disconnect()
-                    self._stopping.wait(1.0)
+                    self._writer_error()
         finally:
             self._shutdown()
-
-    def _step(self) -> bool:
-        """One round of the writer's work; ``True`` when it is time to stop."""
-        if self._next_mark and len(self._queue) < self._queue_size // 2:
-            self._next_mark = 0
-            self._full_logged = False
-        if self._spool.unremoved and time.monotonic() >= self._next_delete:
-            self._delete_stored((), ())
-        if (
-            self._conn is None
-            and not self._stopping.is_set()
-            and time.monotonic() >= self._next_attempt
-        ):
-            self._connect()
-        if self._conn is None:
-            self._park_queue()
-            if self._stopping.is_set():
-                return True
-            wait = min(self._next_attempt - time.monotonic(), self._flush_interval)
-            self._stopping.wait(max(wait, 0.01))
-            return False
-        if len(self._queue) > self._spill_level:
-            # Down to half: the rest goes straight to the database after the spooled part.
-            self._park_queue(len(self._queue) - self._queue_size // 2)
-        if self._spool.count:
-            self._drain_batch()
-            return False
-        batch = self._next_batch()
-        if batch:
-            self._store(batch)
-        return False
 
     def _finished(self) -> bool:
         if not self._stopping.is_set():
             return False
-        if time.monotonic() >= self._stop_deadline:
+        if time.monotonic() >= self._writer_deadline:
             return True
-        return not self._queue and (not self._spool.count or self._conn is None)
+        if self._unsettled is not None or self._in_doubt is not None:
+            return self._conn is None
+        return not self.ledger.in_memory and (not self.ledger.spooled or self._conn is None)
 
-    def _shutdown(self) -> None:
-        self._park_queue()
-        if self._spool.unremoved:
-            self._delete_stored((), ())
-        if self._spool.unremoved:
-            log.error(
-                "spool %s still holds %d frames already stored in PostgreSQL;"
-                " the next start writes them again",
-                self._cache_path,
-                self._spool.unremoved,
-            )
-        left = len(self._queue)
-        if left:
-            self._queue.clear()
-            self._queue_drops.total += left
-            log.error("dropped %d frames at shutdown: the spool is full", left)
+    def _writer_error(self) -> None:
+        """A bug or a broken spool must not end ingest for good, nor lose the batch in hand:
+        it goes back to the queue's head (and is dropped, counted, if it keeps failing)."""
+        self._logs.log("writer-error", logging.ERROR,
+                       "pg-writer hit an unexpected error; retrying in %g s", RETRY_S,
+                       exc_info=True)  # fmt: skip
+        self._statement_started = None
         self._disconnect()
-        self._spool.close()
-        log.info(
-            "pg-writer stopped: enq=%d wrote=%d spooled=%d dropped=%d",
-            self.enq,
-            self.wrote,
-            self._spool.count,
-            self._queue_drops.total + self.rejected,
-        )
+        first, frames = self._held
+        held = self.ledger.in_flight - (len(self._in_doubt[3]) if self._in_doubt else 0)
+        if frames and held > 0:
+            rest = frames[len(frames) - held :]
+            self._held_failures += 1
+            if self._held_failures >= WRITER_ERROR_RETRIES:
+                log.error("dropped %d frames: writing them failed %d times", held,
+                          self._held_failures)  # fmt: skip
+                self.ledger.dropped_from_memory(held, WRITER_ERROR, by_writer=True)
+                self._held_failures = 0
+            else:
+                self.ledger.give_back(first + len(frames) - held, rest, by_writer=True)
+        self._held = (0, [])
+        self._stopping.wait(RETRY_S)
 
-    def _next_batch(self) -> List[Frame]:
+    def _step(self) -> None:
+        """One round of the writer's work."""
+        if self._unsettled is not None:
+            self._settle_again()
+            return
+        if self._conn is None:
+            if self._stopping.is_set():
+                self._stopping.wait(0.05)  # the keeper parks the queue
+                return
+            wait = self._next_attempt - time.monotonic()
+            if wait > 0:
+                self._stopping.wait(min(wait, IDLE_WAIT_S))
+                return
+            self._connect()
+            return
+        if self._resolve_needed:
+            self._resolve_in_doubt()
+            return
+        if self.ledger.spooled or self.ledger.moving:
+            self._drain_batch()
+            return
+        first, frames = self._next_batch()
+        if frames:
+            self._store(first, frames)
+
+    def _next_batch(self) -> Tuple[int, List[Frame]]:
         """Up to ``batch_size`` frames once it is full or ``flush_interval`` after its first."""
-        queue = self._queue
-        if not queue:
+        ledger = self.ledger
+        if not ledger.queued:
             self._wake.clear()
-            if not queue and not self._stopping.is_set():
+            if not ledger.queued and not self._stopping.is_set():
                 self._wake.wait(IDLE_WAIT_S)
-            if not queue:
-                return []
+            if not ledger.queued:
+                return 0, []
             first_seen = time.monotonic()
         else:
             first_seen = self._last_take  # these arrived after the previous batch was taken
         deadline = first_seen + self._flush_interval
-        while len(queue) < self._batch_size and not self._stopping.is_set():
+        while ledger.queued < self._batch_size and not self._stopping.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             self._wake.clear()
-            if len(queue) < self._batch_size:
+            if ledger.queued < self._batch_size:
                 self._wake.wait(remaining)
         self._last_take = time.monotonic()
-        popleft = queue.popleft
-        return [popleft() for _ in range(min(self._batch_size, len(queue)))]
+        return ledger.take_batch(self._batch_size)
 
-    def _to_rows(self, frames: Sequence[Frame]) -> List[Row]:
-        rx_dir = self._rx_dir
-        return [
-            (ts_ns // 1000, can_id, extended, len(data), fd, data, bus,
-             TX if direction == TX else rx_dir)
-            for bus, can_id, extended, _rtr, fd, _brs, _esi, data, ts_ns, direction, _origin
-            in frames
-        ]  # fmt: skip
-
-    def _store(self, frames: List[Frame]) -> None:
-        self._in_flight = len(frames)
+    def _store(self, first: int, frames: List[Frame]) -> None:
+        self._held = (first, frames)
+        rows = frame_rows(frames, self._rx_dir)
         try:
-            rows = self._to_rows(frames)
-            try:
-                self._write(rows)
-            except _Unavailable as failure:
-                self._lose_connection(failure.reason)
-                # The spool is empty here, so the failed rows become its oldest; what does not
-                # fit goes back to the front of the queue.
-                kept = self._spool_rows(rows[failure.done :])
-                self._queue.extendleft(reversed(frames[failure.done + kept :]))
-        finally:
-            self._in_flight = 0
+            self._write(rows, None)
+        except _Unavailable as failure:
+            self._park_failed(first, frames, rows, failure)
+            self._lose_connection(failure.diagnosis)
+        self._held = (0, [])
+        self._held_failures = 0
+
+    def _park_failed(
+        self, first: int, frames: List[Frame], rows: List[Row], failure: _Unavailable
+    ) -> None:
+        """The rows after ``failure.done`` are still the writer's. Those whose commit is in doubt
+        go to the spool with their transaction, all or none (else they stay here until the
+        database says how it ended); the others go to the spool, or back to the queue's head."""
+        done = failure.done
+        if failure.in_doubt is not None:
+            end, txid, backend = failure.in_doubt
+            if not self._spool_whole(first + done, rows[done:end], (txid, backend)):
+                self._in_doubt = (txid, backend, first + done, frames[done:end], rows[done:end])
+            done = end
+        self._spool_frames(first + done, frames[done:], True, rows[done:])
+
+    def _spool_whole(self, first: int, rows: List[Row], intent: Tuple[int, int]) -> bool:
+        """Spool rows in doubt with their transaction: all of them, or none."""
+        if self._spool.fitting(rows) < len(rows):
+            return False
+        try:
+            self._spool.append(first, rows, intent)
+        except sqlite3.Error:
+            return False
+        self.ledger.spooled_from_memory(len(rows), by_writer=True)
+        return True
 
     def _drain_batch(self) -> None:
+        seqs, rows = self._spool.oldest(self._batch_size)
+        if not rows:
+            self._stopping.wait(KEEPER_TICK_S / 4)  # the keeper is still writing its chunk
+            return
         if not self._draining:
             self._draining = True
-            log.info("draining %d cached frames to database", self._spool.count)
-        seqs, rows = self._spool.oldest(self._batch_size)
+            log.info("draining %d cached frames to database", self.ledger.spooled)
         try:
-            self._write(rows)
+            self._write(rows, seqs)
         except _Unavailable as failure:
-            self._delete_stored(seqs[: failure.done], rows[: failure.done])
-            self._lose_connection(failure.reason)
+            self._lose_connection(failure.diagnosis)
             return
-        self._delete_stored(seqs, rows)
-        if not self._spool.count:
+        except _SpoolStuck:
+            self._stopping.wait(RETRY_S)
+            return
+        if not self.ledger.spooled:
             self._draining = False
             log.info("cached frames drained, back to live ingest")
 
-    def _delete_stored(self, seqs: Sequence[int], rows: Sequence[Row]) -> None:
-        """Take committed rows out of the spool. A failed delete (a full disk) is retried every
-        ``SPOOL_DELETE_RETRY_S``; the spool's mark keeps the rows from being written again."""
+    # -- exactly once ---------------------------------------------------------------------------
+
+    def _settle(self, intent: Intent, committed: bool) -> int:
         try:
-            self._spool.delete(seqs, rows)
+            removed = self._spool.settle(intent, committed)
         except sqlite3.Error as error:
-            self._next_delete = time.monotonic() + SPOOL_DELETE_RETRY_S
-            if not self._delete_failing:
-                self._delete_failing = True
-                log.error("cannot delete stored frames from spool %s: %s; retrying every %g s",
-                          self._cache_path, error, SPOOL_DELETE_RETRY_S)  # fmt: skip
-            return
-        if self._delete_failing:
-            self._delete_failing = False
-            log.info("deleted the stored frames from spool %s", self._cache_path)
-        if self._spool.room_bytes() > self._cache_max_bytes * SPOOL_FULL_CLEAR_FRACTION:
-            self._spool_full_logged = False
-
-    def _park_queue(self, limit: Optional[int] = None) -> None:
-        """Move frames (up to ``limit``) from the queue's head to the spool, as many as fit."""
-        queue = self._queue
-        left = len(queue) if limit is None else limit
-        full = False
-        while queue and left > 0 and not full:
-            room = self._spool.room_bytes()
-            frames = []
-            while queue and len(frames) < min(SPOOL_CHUNK_ROWS, left):
-                cost = ROW_OVERHEAD_BYTES + len(queue[0].data)
-                if cost > room:
-                    full = True
-                    break
-                room -= cost
-                frames.append(queue.popleft())
-            if frames and not self._spool_append(self._to_rows(frames)):
-                queue.extendleft(reversed(frames))
-                return
-            left -= len(frames)
-        if full:
-            self._spool_full()
-
-    def _spool_rows(self, rows: List[Row]) -> int:
-        """Append as many of ``rows`` as fit; returns how many."""
-        room = self._spool.room_bytes()
-        count = 0
-        for row in rows:
-            room -= row_cost(row)
-            if room < 0:
-                break
-            count += 1
-        if not self._spool_append(rows[:count]):
+            self._unsettled = (intent, committed)
+            self._logs.log(
+                "spool-delete", logging.ERROR,
+                "cannot delete stored frames from spool %s: %s; retrying every %g s (the spool"
+                " remembers they are stored)", self._cache_path, error, RETRY_S,
+            )  # fmt: skip
             return 0
-        if count < len(rows):
-            self._spool_full()
-        return count
+        if self._unsettled is not None:
+            self._unsettled = None
+            log.info("deleted the stored frames from spool %s", self._cache_path)
+        return removed
 
-    def _spool_append(self, rows: List[Row]) -> bool:
+    def _settle_again(self) -> None:
+        intent, committed = self._unsettled
+        self._unsettled = None
+        self._settle(intent, committed)
+        if self._unsettled is not None:
+            self._stopping.wait(RETRY_S)
+
+    def _txid_status(self, txid: int) -> Optional[str]:
+        with self._conn.cursor() as cur:
+            cur.execute("SELECT txid_status(%s)", (txid,))
+            status = cur.fetchone()[0]
+        self._conn.commit()
+        return status
+
+    def _resolve_in_doubt(self) -> None:
+        """Ask PostgreSQL how each transaction left in doubt ended, and settle it: committed
+        rows are done, the others are written again. One still running (a connection
+        abandoned while its server was frozen) is ended first."""
         try:
-            self._spool.append(rows)
-        except sqlite3.Error as error:
-            # e.g. the disk is full: the frames stay in the queue, which is bounded and counted.
-            now = time.monotonic()
-            if now - self._spool_error_logged_at >= SPOOL_ERROR_LOG_INTERVAL_S:
-                self._spool_error_logged_at = now
-                log.error("cannot write spool %s: %s", self._cache_path, error)
-            return False
-        return True
+            if self._in_doubt is not None:
+                txid, backend, first, frames, _rows = self._in_doubt
+                status = self._status_or_end(txid, backend)
+                if status is None:
+                    return
+                self._in_doubt = None
+                if status == "committed":
+                    self.ledger.committed_from_memory(len(frames))
+                else:
+                    self.ledger.give_back(first, frames, by_writer=True)
+            for intent in self._spool.intents():
+                status = self._status_or_end(intent.txid, intent.backend)
+                if status is None:
+                    return
+                if status == "committed":
+                    self.ledger.committed_from_spool(self._spool.rows_between(intent))
+                    self._settle(intent, True)
+                else:
+                    self._settle(intent, False)
+                if self._unsettled is not None:
+                    return
+            self._resolve_needed = False
+        except psycopg2.Error as error:
+            self._lose_connection(diagnose(error))
 
-    def _spool_full(self) -> None:
-        if not self._spool_full_logged:
-            self._spool_full_logged = True
-            log.error(
-                "spool %s is full (%d frames, %d MB); frames wait in the queue",
-                self._cache_path,
-                self._spool.count,
-                self._cache_max_bytes // (1024 * 1024),
-            )
+    def _status_or_end(self, txid: int, backend: int) -> Optional[str]:
+        status = self._txid_status(txid)
+        if status != "in progress":
+            # NULL: too old to know (the spool waited for billions of transactions). Written
+            # again: a duplicate is better than a loss.
+            return status or "aborted"
+        if backend and backend != self._backend:
+            with self._conn.cursor() as cur:
+                cur.execute("SELECT pg_terminate_backend(%s)", (backend,))
+            self._conn.commit()
+        self._stopping.wait(RETRY_S / 4)
+        return None
 
     # -- database -------------------------------------------------------------------------------
 
     def _connect(self) -> None:
+        self.connects += 1
         try:
-            params = psycopg2.extensions.parse_dsn(self._dsn) if self._dsn else {}
-            extra = {key: value for key, value in CONNECTION_DEFAULTS.items() if key not in params}
-            conn = psycopg2.connect(self._dsn, application_name=APPLICATION_NAME, **extra)
-            with conn.cursor() as cur:
-                cur.execute("SET statement_timeout = %s", (STATEMENT_TIMEOUT,))
-            conn.commit()
+            conn = connect(self._dsn, self._statement_timeout_s)
         except psycopg2.Error as error:
-            self._lose_connection(_reason(error))
+            self._lose_connection(diagnose(error))
             return
-        self._backend_pid = conn.get_backend_pid()
-        self._conn = conn
-        log.info("connected to PostgreSQL: %s", mask_dsn(self._dsn))
+        with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+            self._conn_names = self._socket_names(sock)
+        self._backend = conn.get_backend_pid()
+        with self._conn_lock:
+            self._conn = conn
+        self._statement_started = time.monotonic()  # the probe may wait too (a table lock)
+        try:
+            probe(conn, self._mode, self._func)
+        except psycopg2.Error as error:
+            self._lose_connection(diagnose(error))
+            return
+        finally:
+            self._statement_started = None
+        if self.config_problem:
+            self.config_problem = ""
+            log.info("the database accepts the server's writes now")
+        log.info("connected to PostgreSQL: %s", describe_dsn(self._dsn))
 
     def _disconnect(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(psycopg2.Error):
-                self._conn.close()
-            self._conn = None
+        with self._conn_lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                with contextlib.suppress(psycopg2.Error):
+                    conn.close()
 
-    def _lose_connection(self, reason: str) -> None:
+    def _lose_connection(self, found: Diagnosis) -> None:
         self._disconnect()
+        self._resolve_needed = True
         self._draining = False
-        if not self._outage:
-            self._outage = True
-            log.warning("database unavailable, caching frames to disk: %s", reason)
+        self._outage = True
+        if found.kind == CONFIG:
+            self.config_problem = f"{found.cause} — {found.fix}"
+            self._config_log.log(
+                "config", logging.ERROR,
+                "PostgreSQL refuses the server's writes: %s. Fix: %s. Frames go to the spool"
+                " meanwhile", found.cause, found.fix,
+            )  # fmt: skip
+        elif not self._outage_logged:
+            self._outage_logged = True
+            log.warning("database unavailable, caching frames to disk: %s", found.cause)
         else:
-            log.debug("database still unavailable: %s", reason)
+            log.debug("database still unavailable: %s", found.cause)
         self._next_attempt = time.monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
 
-    def _write(self, rows: List[Row]) -> None:
-        """Commit ``rows`` (bisecting around rows the database rejects); ``_Unavailable`` when
-        the database fails, telling how many leading rows are already done."""
-        self._write_range(rows, 0, len(rows))
+    def _write(self, rows: List[Row], seqs: Optional[List[int]]) -> None:
+        """Commit ``rows`` (bisecting around rows the database rejects), spooled rows ``seqs``
+        (each transaction's intent recorded first) or live ones (``None``). ``_Unavailable``
+        when the database fails."""
+        self._write_range(rows, seqs, 0, len(rows))
         if self._outage:
             self._outage = False
-            log.info("database available again")
+            if self._outage_logged:
+                self._outage_logged = False
+                log.info("database available again")
         self._backoff = BACKOFF_START_S
 
-    def _write_range(self, rows: List[Row], lo: int, hi: int) -> None:
+    def _write_range(self, rows: List[Row], seqs: Optional[List[int]], lo: int, hi: int) -> None:
         conn = self._conn
         batch = rows[lo:hi]
+        intent: Optional[Intent] = None
+        txid = None
+        self._statement_started = time.monotonic()
         try:
             with conn.cursor() as cur:
                 self._write_batch(cur, batch)
-            conn.commit()
+                cur.execute(TXID_SQL)
+                txid = cur.fetchone()[0]
+            if seqs is not None:
+                intent = Intent(txid, seqs[lo], seqs[hi - 1], self._backend)
+                try:
+                    self._spool.record_intent(intent)
+                except sqlite3.Error as error:
+                    self._rollback()
+                    self._logs.log("spool-intent", logging.ERROR,
+                                   "cannot record progress in spool %s (%s): draining it waits",
+                                   self._cache_path, error)  # fmt: skip
+                    raise _SpoolStuck(str(error)) from error
+            try:
+                conn.commit()
+            except psycopg2.Error as error:
+                # COMMIT was sent: whether it took effect, only the server knows.
+                raise _Unavailable(lo, diagnose(error), (hi, txid, self._backend)) from error
+        except (_Unavailable, _SpoolStuck):
+            raise
         except Exception as error:
-            if not self._rollback() or not _is_content_error(error):
-                raise _Unavailable(lo, _reason(error)) from error
+            found = diagnose(error) if isinstance(error, psycopg2.Error) else None
+            if not self._rollback() or (found is not None and found.kind != CONTENT):
+                raise _Unavailable(lo, found or Diagnosis(OUTAGE, first_line(error), "")) from error
             if hi - lo == 1:
-                self._reject(batch[0], error)
+                self._reject(rows, seqs, lo, error, REJECTED if found else WRITER_ERROR)
             else:
                 middle = (lo + hi) // 2
-                self._write_range(rows, lo, middle)
-                self._write_range(rows, middle, hi)
+                self._write_range(rows, seqs, lo, middle)
+                self._write_range(rows, seqs, middle, hi)
             return
-        self.wrote += len(batch)
+        finally:
+            self._statement_started = None
+        if intent is None:
+            self.ledger.committed_from_memory(hi - lo)
+        else:
+            self.ledger.committed_from_spool(hi - lo)
+            self._settle(intent, True)
+            if self._unsettled is not None:
+                raise _SpoolStuck("cannot delete stored rows")
 
     def _rollback(self) -> bool:
         """Roll back after a failed batch; ``False`` when the connection is gone."""
@@ -639,62 +819,60 @@ class PgWriter:
             return False
         return not self._conn.closed
 
-    def _reject(self, row: Row, error: BaseException) -> None:
-        self.rejected += 1
-        now = time.monotonic()
-        if now - self._reject_window_start >= REJECT_LOG_INTERVAL_S:
-            if self._reject_unlogged:
-                log.error("%d more rejected frames were not logged one by one",
-                          self._reject_unlogged)  # fmt: skip
-            self._reject_window_start = now
-            self._reject_logged = self._reject_unlogged = 0
-        if self._reject_logged >= REJECT_LOG_BURST:
-            self._reject_unlogged += 1
-            return
-        self._reject_logged += 1
+    def _reject(
+        self,
+        rows: List[Row],
+        seqs: Optional[List[int]],
+        index: int,
+        error: BaseException,
+        reason: str,
+    ) -> None:
+        """One row the database (or the encoder) will not take: dropped, counted, logged."""
+        row = rows[index]
+        if seqs is None:
+            self.ledger.dropped_from_memory(1, reason, by_writer=True)
+        else:
+            self._settle(Intent(0, seqs[index], seqs[index], 0), True)
+            self.ledger.dropped_from_spool(1, reason)
         ts_us, can_id, extended, _dlc, is_fd, data, bus, direction = row
-        log.error(
-            "database rejected frame bus=%d id=%0*X%s [%d] %s ts_us=%d dir=%s: %s",
-            bus,
-            8 if extended else 3,
-            can_id,
-            " FD" if is_fd else "",
-            len(data),
-            data.hex().upper(),
-            ts_us,
-            direction,
-            _reason(error),
-        )
+        self._logs.log(
+            ("reject", reason, getattr(error, "pgcode", None) or type(error).__name__),
+            logging.ERROR,
+            "%s frame bus=%d id=%0*X%s [%d] %s ts_us=%d dir=%s, dropped: %s",
+            "database rejected" if reason == REJECTED else "cannot encode",
+            bus, 8 if extended else 3, can_id, " FD" if is_fd else "", len(data),
+            data.hex().upper(), ts_us, direction, first_line(error),
+        )  # fmt: skip
 
-    def _rendered(self, rows: List[Row], casts: bool) -> List[tuple]:
-        ts_text = self._ts_text
-        return [(render_row(ts_text(row[0]), row, casts),) for row in rows]
+    def _shutdown(self) -> None:
+        """The writer's last act: a batch whose commit is in doubt goes to the spool with its
+        transaction, or is counted as dropped (it may be stored)."""
+        if self._in_doubt is not None:
+            txid, backend, first, frames, rows = self._in_doubt
+            self._in_doubt = None
+            if not self._spool_whole(first, rows, (txid, backend)):
+                log.error("dropped %d frames at shutdown whose commit is in doubt: the spool"
+                          " has no room for them (they may be stored)", len(frames))  # fmt: skip
+                self.ledger.dropped_from_memory(len(frames), SHUTDOWN, by_writer=True)
+        self._disconnect()
 
     def _insert(self, cur: Any, rows: List[Row]) -> None:
         psycopg2.extras.execute_values(
-            cur, INSERT_SQL, self._rendered(rows, False), template=ROW_TEMPLATE, page_size=len(rows)
+            cur,
+            INSERT_SQL,
+            [(psycopg2.extensions.AsIs(text),) for text in render_rows(self._ts_text, rows, False)],
+            template=ROW_TEMPLATE,
+            page_size=len(rows),
         )
 
     def _call_function(self, cur: Any, rows: List[Row]) -> None:
         psycopg2.extras.execute_values(
             cur,
             self._function_sql,
-            self._rendered(rows, True),
+            [(psycopg2.extensions.AsIs(text),) for text in render_rows(self._ts_text, rows, True)],
             template=ROW_TEMPLATE,
             page_size=len(rows),
         )
 
     def _copy(self, cur: Any, rows: List[Row]) -> None:
-        pack_head = COPY_ROW_HEAD.pack
-        pack_bus = COPY_ROW_BUS.pack
-        dir_field = COPY_DIR_FIELD
-        parts = [COPY_HEADER]
-        append = parts.append
-        for ts_us, can_id, extended, dlc, is_fd, data, bus, direction in rows:
-            append(pack_head(8, 8, ts_us - PG_EPOCH_US, 4, can_id, 1, extended, 2, dlc, 1, is_fd,
-                             dlc))  # fmt: skip
-            append(data)
-            append(pack_bus(4, bus))
-            append(dir_field[direction])
-        append(COPY_TRAILER)
-        cur.copy_expert(COPY_SQL, io.BytesIO(b"".join(parts)), size=1 << 20)
+        cur.copy_expert(COPY_SQL, io.BytesIO(encode_copy(rows)), size=1 << 20)

@@ -189,6 +189,24 @@ def read_link_info(ifname: str) -> Tuple[Optional[int], bool]:
     return bitrate, "LISTEN-ONLY" in info.get("ctrlmode", [])
 
 
+def set_link_bitrate(ifname: str, bitrate: int) -> None:
+    """Set a CAN interface's bit rate with ``ip link`` (down, set, up: the kernel refuses to
+    change the bit timing of a running interface); raises RuntimeError saying what failed."""
+    for args in (
+        ["set", "dev", ifname, "down"],
+        ["set", "dev", ifname, "type", "can", "bitrate", str(bitrate)],
+        ["set", "dev", ifname, "up"],
+    ):
+        try:
+            subprocess.run(
+                ["ip", "link", *args], capture_output=True, text=True, timeout=5, check=True
+            )
+        except subprocess.CalledProcessError as exc:
+            raise RuntimeError(f"ip link {' '.join(args)}: {exc.stderr.strip()}") from exc
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise RuntimeError(f"ip link {' '.join(args)}: {exc}") from exc
+
+
 def _operstate(ifname: str) -> Optional[str]:
     try:
         with open(f"/sys/class/net/{ifname}/operstate") as f:
@@ -335,6 +353,14 @@ class SocketCanSource(Source):
                 log.info("%s: interface is back, reading again", self.name)
             return sock
         return None
+
+    def set_bitrate(self, bitrate: int) -> str:
+        """Reconfigure the interface to ``bitrate`` bit/s; says what was done."""
+        if not self._is_can_socket:
+            raise RuntimeError(f"{self.name} is not a kernel CAN interface")
+        set_link_bitrate(self.name, bitrate)
+        self._link_stale = True
+        return f"{self.name} set to {bitrate} bit/s with ip link"
 
     def _read_link(self) -> None:
         bitrate, self._listen_only = read_link_info(self.name)

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Runs the host test tier in the userlands Raspberry Pi OS is built from: Debian bookworm armhf
+# (32-bit time_t), trixie armhf (64-bit time_t) and trixie arm64, each a root file system made by
+# debootstrap from Debian's own packages and run by qemu-user through binfmt_misc.
+#
+# Not run there: the tests marked pg (they need the throw-away PostgreSQL server, which is not what
+# is under test; the writer's pure parts and the spool run in every tier) and tests/kernel (they
+# need a CAN kernel: tests/kernel/run-in-vm.sh). Python, psycopg2, pytest
+# and hypothesis come from each release's Debian packages, as a Raspberry Pi would have them.
+#
+# The file systems are kept in $WIRETAP_ARM_CACHE (default /var/cache/wiretap-arm) and made again
+# only when the package list below changes: about 4 minutes each the first time, then nothing.
+# When the tier cannot run it says why and exits 0, except under CI=true, where a skip is a failure.
+#
+# Usage: tests/arm/run-arm.sh [extra pytest args]
+# Environment: WIRETAP_ARM_TARGETS (default "bookworm:armhf trixie:armhf trixie:arm64").
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$repo"
+cache=${WIRETAP_ARM_CACHE:-/var/cache/wiretap-arm}
+targets=${WIRETAP_ARM_TARGETS:-"bookworm:armhf trixie:armhf trixie:arm64"}
+mirror=http://deb.debian.org/debian
+packages=python3,python3-psycopg2,python3-pytest,python3-hypothesis,iproute2
+
+skip() {
+    if [ "${CI:-}" = "true" ]; then
+        echo "arm tier: FAILED: cannot run it ($*), and under CI=true a skip is a failure" >&2
+        exit 1
+    fi
+    echo "arm tier: SKIPPED: $*" >&2
+    exit 0
+}
+
+[ "$(id -u)" = 0 ] || skip "not root (debootstrap, chroot and binfmt_misc need it)"
+
+missing=()
+command -v qemu-arm-static >/dev/null || missing+=(qemu-user-static)
+command -v update-binfmts >/dev/null || missing+=(binfmt-support)
+command -v debootstrap >/dev/null || missing+=(debootstrap)
+if [ ${#missing[@]} -gt 0 ]; then
+    command -v apt-get >/dev/null || skip "no apt-get to install ${missing[*]}"
+    echo "arm tier: installing ${missing[*]} (waiting up to 5 min for another apt to finish)"
+    apt-get -o DPkg::Lock::Timeout=300 update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -q \
+        --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# binfmt_misc is what lets an ARM binary (and every subprocess a test starts) run here.
+[ -e /proc/sys/fs/binfmt_misc/register ] ||
+    mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc 2>/dev/null ||
+    skip "binfmt_misc cannot be mounted here"
+for emulator in qemu-arm qemu-aarch64; do
+    [ -e "/proc/sys/fs/binfmt_misc/$emulator" ] || update-binfmts --enable "$emulator" ||
+        skip "cannot register $emulator with binfmt_misc"
+done
+
+# The checkout's files, committed or not (CI runs a fresh clone, a developer their work tree).
+source_tar=$(mktemp /tmp/wiretap-arm-src.XXXXXX)
+trap 'rm -f "$source_tar"' EXIT
+git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf "$source_tar"
+
+status=0
+for target in $targets; do
+    suite=${target%%:*}
+    arch=${target##*:}
+    root=$cache/$suite-$arch
+    if [ "$(cat "$root/.wiretap-packages" 2>/dev/null)" != "$packages" ]; then
+        echo "arm tier: building $suite $arch with debootstrap (once; kept in $root)"
+        rm -rf "$root.new"
+        mkdir -p "$cache"
+        if ! debootstrap --arch="$arch" --variant=minbase --include="$packages" "$suite" \
+            "$root.new" "$mirror" >"$cache/$suite-$arch.log" 2>&1; then
+            tail -20 "$cache/$suite-$arch.log" >&2
+            echo "arm tier: FAILED: debootstrap $suite $arch" >&2
+            status=1
+            continue
+        fi
+        echo "$packages" >"$root.new/.wiretap-packages"
+        rm -rf "$root"
+        mv "$root.new" "$root"
+    fi
+    rm -rf "$root/work" && mkdir -p "$root/work/wiretap"
+    tar -xf "$source_tar" -C "$root/work/wiretap"
+
+    echo "arm tier: $suite $arch: $(chroot "$root" python3 -c 'import platform, sys
+print(platform.machine(), "Python", platform.python_version())')"
+    # A private mount namespace: /proc and /dev leave with the process, whatever happens.
+    if ! unshare --mount --propagation private sh -c '
+        root=$1; shift
+        mount -t proc proc "$root/proc" && mount --rbind /dev "$root/dev" &&
+            exec chroot "$root" env -C /work/wiretap HOME=/root python3 -m pytest -q \
+                -p no:cacheprovider -m "not vcan and not pg" --ignore=tests/kernel "$@"
+    ' sh "$root" "$@"; then
+        echo "arm tier: FAILED on $suite $arch" >&2
+        status=1
+    fi
+done
+exit $status
