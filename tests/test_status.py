@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import socket
 from typing import Dict, List, Tuple
 
 import pytest
@@ -337,3 +338,31 @@ def test_status_port_in_use_stops_the_start_with_one_clear_error(harness, bus_fa
     assert str(raised.value).startswith(
         f"cannot listen on 127.0.0.1:{app.status.port} for the status page: "
     )
+
+
+def test_a_client_that_does_not_read_shows_its_drops(harness, bus_factory) -> None:
+    bus = bus_factory()
+    app = harness.start("--iface", "can0", "--status-listen", "127.0.0.1:0", buses={"can0": bus})
+    stalled = socket.create_connection(("127.0.0.1", app.port), timeout=10)
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.sendall(SAVVYCAN_HELLO)
+    wait_until(lambda: any(c.streaming for c in app.hub.clients), what="binary mode")
+    try:
+        frame = make_frame(0, 0x100, bytes(8))
+
+        def burst_then_look() -> bool:
+            for _ in range(500):
+                bus.send(frame)
+            return status_of(app.status.port)["clients"][0]["frames_dropped_total"] > 0
+
+        wait_until(burst_then_look, timeout=60, what="drops for the stalled client")
+        (client,) = app.hub.clients
+        (listed,) = status_of(app.status.port)["clients"]
+        assert listed["frames_dropped_total"] <= client.dropped
+        assert listed["frames_sent_total"] <= client.frames_sent
+        families = parse_metrics(get(app.status.port, "/metrics")[2])
+        dropped = families["wiretap_client_frames_dropped"][1][(("client", client.who),)]
+        assert 0 < dropped <= client.dropped
+        assert families["wiretap_clients_frames_dropped"][1][()] >= dropped
+    finally:
+        stalled.close()

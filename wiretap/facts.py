@@ -48,9 +48,9 @@ def collect(app: App) -> Dict[str, object]:
         "clients": [
             {
                 "address": client.who,
-                "dialect": client.dialect.value,
+                "dialect": client.dialect.value if client.dialect else "auto",
                 "frames_sent_total": client.frames_sent,
-                "frames_dropped_total": client.outbox.drops.total,
+                "frames_dropped_total": client.dropped,
             }
             for client in clients[:MAX_CLIENT_SERIES]
         ],  # fmt: skip
