@@ -178,3 +178,16 @@ def test_a_wedged_dispatcher_stops_feeding_the_watchdog_and_resumes_after(
         app.stop()
     assert fake_systemd.receive_until("STOPPING")[-1]["STOPPING"] == "1"
     assert os.environ.get("NOTIFY_SOCKET") != fake_systemd.env
+
+
+def test_shipped_unit_waits_for_ready_feeds_a_watchdog_and_checks_the_config_first() -> None:
+    lines = (ROOT / "wiretap-server.service").read_text().splitlines()
+    settings = {}
+    for line in lines:
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            settings.setdefault(key, value)
+    assert settings["Type"] == "notify"
+    assert float(settings["WatchdogSec"]) >= 2 * systemd.STALL_MIN_S
+    assert settings["ExecStartPre"] == settings["ExecStart"] + " --check-config"
+    assert settings["Restart"] == "on-failure"  # a watchdog timeout counts as a failure
