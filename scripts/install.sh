@@ -1,16 +1,13 @@
 #!/usr/bin/env bash
 # Installs what WireTAP Server needs to run, idempotently: Python's venv module (Debian package
-# python3-venv) and can-utils when missing, then .venv with requirements.txt, and notes the git
-# commit in wiretap/BUILD_COMMIT for --version when the code is later run without its .git.
+# python3-venv) and can-utils when missing (scripts/apt-install.sh: it waits for another apt, such as
+# unattended-upgrades on a Pi that has just booted), then .venv with requirements.txt, and notes
+# the git commit in wiretap/BUILD_COMMIT for --version when the code is later run without .git.
 #   scripts/install.sh            runtime only
 #   scripts/install.sh --dev      also the test tools (requirements-dev.txt, Chromium for the
 #                                 status page's browser test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-as_root() {
-    if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
-}
 
 packages=()
 python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv python3-pip)
@@ -19,10 +16,7 @@ if [ "${1:-}" = "--dev" ]; then
     command -v chromium >/dev/null || packages+=(chromium)
 fi
 if [ ${#packages[@]} -gt 0 ]; then
-    echo "install: apt-get install ${packages[*]}"
-    as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        "${packages[@]}" >/dev/null
+    scripts/apt-install.sh "${packages[@]}"
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv

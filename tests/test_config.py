@@ -158,7 +158,8 @@ def test_every_flag_sets_its_key(tmp_path: Path) -> None:
         "--iface", "vcan0", "--bus-offset", "3", "--host", "127.0.0.1", "--port", "23",
         "--echo", "--color", "--default-dir", "tx", "--can-fd", "--read-only",
         "--allow", "10.0.0.1", "--allow", "::1,fd00::/8", "--max-clients", "2",
-        "--gvret-fd", "esp32ret", "--beacon", "--beacon-address", "192.168.1.255",
+        "--handshake-timeout", "0", "--gvret-fd", "esp32ret", "--beacon",
+        "--beacon-address", "192.168.1.255",
         "--replay-speed", "2.5", "--replay-loop", "--pg-enable", "--pg-dsn", "dbname=x",
         "--pg-mode", "copy", "--pg-func", "ingest", "--pg-batch-size", "5",
         "--pg-flush-interval", "1.5", "--pg-queue-size", "50", "--pg-dir", "tx",
@@ -168,8 +169,9 @@ def test_every_flag_sets_its_key(tmp_path: Path) -> None:
     assert config.server == ServerConfig(
         iface=("vcan0",), bus_offset=3, host="127.0.0.1", port=23, can_fd=True,
         echo_console=True, colour=True, default_dir="tx", read_only=True,
-        allow=("10.0.0.1", "::1", "fd00::/8"), max_clients=2, gvret_fd="esp32ret", beacon=True,
-        beacon_address="192.168.1.255", replay_speed=2.5, replay_loop=True,
+        allow=("10.0.0.1", "::1", "fd00::/8"), max_clients=2, handshake_timeout=0.0,
+        gvret_fd="esp32ret", beacon=True, beacon_address="192.168.1.255", replay_speed=2.5,
+        replay_loop=True,
     )  # fmt: skip
     assert config.postgres == PostgresConfig(
         enable=True, dsn="dbname=x", mode="copy", func="ingest", batch_size=5,
@@ -261,6 +263,11 @@ INVALID_VALUES = [
     ("iface_replay_no_path", '[server]\niface = "replay:"', 'server.iface = "replay:"',
      "needs a file path"),
     ("host_empty", '[server]\nhost = ""', 'server.host = ""', "must not be empty"),
+    ("host_octet", '[server]\nhost = "1.2.3.999"', 'server.host = "1.2.3.999"',
+     "not a valid IPv4 or IPv6 address"),
+    ("host_ipv6", '[server]\nhost = "fe80::1::2"', 'server.host = "fe80::1::2"',
+     "not a valid IPv4 or IPv6 address"),
+    ("host_name", '[server]\nhost = "my pi"', 'server.host = "my pi"', "or a host name"),
     ("beacon_address", '[server]\nbeacon_address = "everyone"',
      'server.beacon_address = "everyone"', "IP address"),
     ("dsn_type", "[postgres]\ndsn = 5", "postgres.dsn = 5", "expected a string"),
@@ -289,6 +296,7 @@ INVALID_FLAGS = [
     (["--pg-dir", "both"], "postgres.dir = both (from --pg-dir): expected one of rx, tx"),
     (["--iface", ""], 'server.iface = "" (from --iface): needs at least one interface'),
     (["--stats-interval", "inf"], "logging.stats_interval = inf (from --stats-interval)"),
+    (["--host", "1.2.3.999"], "server.host = 1.2.3.999 (from --host): is not a valid IPv4"),
 ]
 
 
@@ -435,6 +443,11 @@ def test_a_replay_log_that_cannot_be_read_is_a_configuration_error(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_config(["--iface", f"can0,replay:{missing}"], {})
     assert any(str(missing) in error and "server.iface" in error for error in caught.value.errors)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "127.0.0.1", "::", "::1", "localhost", "pi-4.local"])
+def test_listen_host_accepts_addresses_and_host_names(tmp_path: Path, host: str) -> None:
+    assert load(tmp_path, None, ["--host", host]).server.host == host
 
 
 @pytest.mark.parametrize(

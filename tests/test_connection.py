@@ -14,7 +14,7 @@ from typing import List, Optional
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from savvycan_model import DENSE_FPS, READ_LIMIT, SAVVYCAN_HELLO, simulate
+from savvycan_model import DENSE_FPS, READ_LIMIT, SAVVYCAN_HELLO, Figures, simulate
 
 from wiretap.frames import Frame, make_frame
 from wiretap.gvret import (
@@ -299,7 +299,7 @@ def test_a_client_that_sends_no_keepalives_is_let_go() -> None:
     assert not connection.flow_controlled
 
 
-def check_model_figures(figures, *, lossless: bool) -> None:  # noqa: ANN001
+def check_model_figures(figures: Figures, *, lossless: bool) -> None:
     assert figures.error == ""
     assert figures.order_errors == 0
     assert figures.received + figures.dropped == figures.fed  # every loss counted, exactly

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import time
 
 import pytest
-from harness import wait_until
+from harness import Bus, wait_until
 from savvycan_model import DENSE_FPS, READ_LIMIT, Figures, feeder, model_client
 
+from wiretap.app import App
 from wiretap.gvret import WINDOW_MAX
+from wiretap.server import REFUSAL_LOG_INTERVAL_S
 
 CONTEXT = multiprocessing.get_context("fork")
 
@@ -29,7 +32,7 @@ CONTEXT = multiprocessing.get_context("fork")
 class Rig:
     """A model client and a feeder process around one server."""
 
-    def __init__(self, app, bus) -> None:  # noqa: ANN001
+    def __init__(self, app: App, bus: Bus) -> None:
         self.app = app
         self.feeder_pipe, child = CONTEXT.Pipe()
         self.feeder = CONTEXT.Process(target=feeder, args=(child, bus.test_end), daemon=True)
@@ -111,7 +114,7 @@ def open_window(rig: Rig) -> None:
     )
 
 
-def lossless_run(rig: Rig, count: int, fps: int, attempts: int = 3) -> Figures:
+def lossless_run(rig: Rig, count: int, fps: int, attempts: int = 5) -> Figures:
     """Feed ``count`` frames at ``fps`` until one run loses nothing; every run must keep the
     bounds and count every loss. (The model is SavvyCAN: a pause of its process of a few tens
     of ms, which a loaded test machine can cause, makes one read too large to keep up; then
@@ -130,18 +133,20 @@ def lossless_run(rig: Rig, count: int, fps: int, attempts: int = 3) -> Figures:
 
 
 def test_model_savvycan_at_one_saturated_bus_gets_every_frame(rig):
-    figures = lossless_run(rig, 2 * DENSE_FPS, DENSE_FPS)
+    figures = lossless_run(rig, DENSE_FPS, DENSE_FPS)
     assert figures.largest_read <= READ_LIMIT
 
 
 def test_model_savvycan_at_five_times_the_rate(rig, caplog):
+    began = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="wiretap.server"):
         rig.feed(8 * 5 * DENSE_FPS, 5 * DENSE_FPS)
         figures = rig.drain()
+    took = time.monotonic() - began
     check(figures, rig)
     assert rig.connection.dropped > 0
     assert figures.received > 0
     lines = [r.getMessage() for r in caplog.records if "frames dropped for it" in r.getMessage()]
-    assert 1 <= len(lines) <= 2  # at most one per 10 s for this client
+    assert 1 <= len(lines) <= 1 + took // REFUSAL_LOG_INTERVAL_S  # at most one per 10 s
     # When the load drops, it gets every frame again, by itself.
     lossless_run(rig, DENSE_FPS // 2, DENSE_FPS // 10)

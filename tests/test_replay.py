@@ -15,7 +15,14 @@ from harness import wait_until
 
 from wiretap.frames import Frame, make_frame
 from wiretap.sources import BusInfo, TransmitResult
-from wiretap.sources.replay import LogLine, ReplaySource, parse_line, read_log
+from wiretap.sources.replay import (
+    MAX_GAP_NS,
+    MIN_FRAME_GAP_NS,
+    LogLine,
+    ReplaySource,
+    parse_line,
+    read_log,
+)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEMO_LOG = REPO / "examples" / "demo.log"
@@ -352,3 +359,105 @@ def test_an_empty_log_still_offers_one_bus(
         source = ReplaySource(path, 1, can_fd=False)
     assert source.bus_count == 1
     assert f"replay {path}: no frames in the log" in caplog.messages
+
+
+# --- pathological timestamps and junk --------------------------------------------------------
+
+
+def replay_warnings(caplog: pytest.LogCaptureFixture) -> List[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_a_jump_of_30000_years_is_played_as_the_longest_gap(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # At speed 100 the raw jump would still be a wait longer than threading.TIMEOUT_MAX.
+    years = 30_000 * 365 * 86400
+    path = write_log(tmp_path, ["(1700000000.000000) can0 123#01",
+                                f"({1700000000 + years}.000000) can0 123#02",
+                                f"({1700000000 + years}.000500) can0 123#03"])  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="wiretap.replay"):
+        source = ReplaySource(path, 0, can_fd=False, speed=100)
+        frames = play(source, 3).frames
+    assert [f.data for f in frames] == [b"\x01", b"\x02", b"\x03"]
+    gap = MAX_GAP_NS // 100
+    assert [f.ts_ns - frames[0].ts_ns for f in frames] == [0, gap, gap + 5_000]
+    assert replay_warnings(caplog) == [
+        f"replay {path}: 1 gaps longer than 10.000 s between frames played as 10.000 s (the first:"
+        " 29,979.5 years before line 2, a clock that jumped or a bus that slept)"
+    ]
+
+
+def test_a_clock_jumping_from_1970_to_2023_costs_one_long_gap_not_54_years(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_log(tmp_path, ["(0.000000) can0 123#01", "(0.010000) can0 123#02",
+                                "(1700000000.000000) can0 123#03",
+                                "(1700000000.020000) can0 123#04"])  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="wiretap.replay"):
+        frames = play(ReplaySource(path, 0, can_fd=False, speed=100), 4).frames
+    gap = MAX_GAP_NS // 100
+    assert [f.ts_ns - frames[0].ts_ns for f in frames] == [0, 100_000, 100_000 + gap,
+                                                           300_000 + gap]  # fmt: skip
+    assert len(replay_warnings(caplog)) == 1
+    assert "1 gaps longer than 10.000 s" in replay_warnings(caplog)[0]
+    assert "53.9 years before line 3" in replay_warnings(caplog)[0]
+
+
+def test_a_loop_over_equal_timestamps_plays_no_faster_than_a_full_bus(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_log(tmp_path, [f"(1700000000.000000) can0 123#{i:02X}" for i in range(100)])
+    with caplog.at_level(logging.WARNING, logger="wiretap.replay"):
+        source = ReplaySource(path, 0, can_fd=False, loop=True)
+        collector = play(source, 300)
+    frames = collector.frames[:300]
+    # A pass: 100 frames x 50 us = 5 ms (it was the 1 ms minimum gap: 100,000 frames/s).
+    assert [f.ts_ns - frames[0].ts_ns for f in frames] == [
+        pass_ * 100 * MIN_FRAME_GAP_NS for pass_ in range(3) for _ in range(100)
+    ]
+    assert [f.data[0] for f in frames] == list(range(100)) * 3
+    for arrival, batch in collector.batches:  # and no pass starts before its time
+        assert arrival >= batch[-1].ts_ns - 1_000_000
+    assert replay_warnings(caplog) == [
+        f"replay {path}: 100 frames span only 0.000 s of log time: each --replay-loop pass lasts "
+        "0.005 s (50 us a frame, a full 1 Mbit/s bus) rather than replaying them as fast as the "
+        "CPU allows"
+    ]
+
+
+def test_a_loop_over_backward_timestamps_plays_each_pass_at_a_bus_pace(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_log(tmp_path, [f"(1700000000.{999_000 - i * 1000:06d}) can0 123#{i:02X}"
+                                for i in range(200)])  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="wiretap.replay"):
+        source = ReplaySource(path, 0, can_fd=False, loop=True)
+        frames = play(source, 400).frames[:400]
+    assert [f.ts_ns - frames[0].ts_ns for f in frames] == [
+        pass_ * 200 * MIN_FRAME_GAP_NS for pass_ in range(2) for _ in range(200)
+    ]
+    assert replay_warnings(caplog)[0] == (
+        f"replay {path}: timestamps run backwards 199 times (the first at line 2): those frames "
+        "play without a pause"
+    )
+    assert "each --replay-loop pass lasts 0.010 s" in replay_warnings(caplog)[1]
+    assert len(replay_warnings(caplog)) == 2
+
+
+def test_200000_junk_lines_give_three_examples_and_one_count(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    junk = ["(1700000000.000000) can0 123#0"] * 100_000 + ["\x00\xffgarbage"] * 100_000
+    path = write_log(tmp_path, ["(1700000000.000000) can0 123#01", *junk,
+                                "(1700000000.001000) can0 123#02"])  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="wiretap.replay"):
+        lines = read_log(path)
+    assert [line.frame.data for line in lines] == [b"\x01", b"\x02"]
+    assert [line.line_number for line in lines] == [1, 200_002]
+    assert replay_warnings(caplog) == [
+        f"replay {path}:2: data '0' has an odd number of hex digits",
+        f"replay {path}:3: data '0' has an odd number of hex digits",
+        f"replay {path}:4: data '0' has an odd number of hex digits",
+        f"replay {path}: 200000 malformed lines skipped in all (the first 3 shown above)",
+    ]

@@ -159,6 +159,10 @@ def test_health_verdicts_for_buses_and_database() -> None:
     database["connected"] = False
     view = Sampler(lambda: snapshot_of(buses, database=dict(database))).view()
     assert view["database"]["state"] == "down" and not view["database"]["healthy"]
+    database.update(connected=True, problem="no table public.can_frame — run init_schema.sql")
+    view = Sampler(lambda: snapshot_of(buses, database=dict(database))).view()
+    assert view["database"]["state"] == "refuses writes" and not view["database"]["healthy"]
+    assert render_metrics(view).count("\nwiretap_database_refusing 1\n") == 1
 
 
 def parse_metrics(text: str) -> Dict[str, Tuple[str, Dict[Tuple, float]]]:

@@ -156,6 +156,7 @@ class App:
                 read_only=server.read_only,
                 allow=server.allow,
                 max_clients=server.max_clients,
+                handshake_timeout=server.handshake_timeout,
                 dialect=server.gvret_fd,
                 flow_control=server.gvret_flow_control,
                 set_bitrate=self.set_bitrate if server.reconfigure_interfaces else None,
@@ -282,10 +283,12 @@ class App:
         for source in self.sources:
             source.join(budget(2.0))
         self.broker.stop(budget(2.0))
+        # Close the door before closing the clients: a handler that registers from now on ends
+        # its own connection, so none is left open by having come in during the shutdown.
+        clients = self.hub.close()
         if self._server_thread.is_alive():
             self.server.shutdown()
         self.server.server_close()
-        clients = self.hub.clients
         for client in clients:  # all at once: a stalled client's writer unblocks on shutdown
             client.close()
         for client in clients:
@@ -298,8 +301,8 @@ class App:
 
 
 def run(config: Config, sources: Optional[List[Source]] = None) -> int:
-    """Run until SIGINT / SIGTERM; the process exit code. ``sources`` as :func:`build_sources`
-    made them, if the caller already did."""
+    """Run until SIGINT, SIGTERM or SIGHUP; the process exit code. ``sources`` as
+    :func:`build_sources` made them, if the caller already did."""
     try:
         app = App(config, sources=sources)
     except StartupError as exc:
@@ -314,8 +317,10 @@ def run(config: Config, sources: Optional[List[Source]] = None) -> int:
         log.info("%s: shutting down", signal.Signals(signum).name)
         stop.set()
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    # SIGHUP too: it is what closing the terminal or SSH session of scripts/run.sh sends, and
+    # its default action would end the process without flushing a single queued frame.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     try:
         app.start()
     except (OSError, sqlite3.Error) as exc:

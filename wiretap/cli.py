@@ -7,15 +7,16 @@ problem on stderr), 0 for ``--check-config`` with a valid configuration, otherwi
 
 from __future__ import annotations
 
+import argparse
 import logging
-import logging.handlers
 import os
-import queue
 import sys
+from types import ModuleType
 from typing import Optional, Sequence
 
 from wiretap import buildinfo
 from wiretap.config import Config, ConfigError, parse_args, resolve
+from wiretap.logqueue import LogQueue
 
 EXIT_CONFIG_ERROR = 2
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -36,22 +37,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_CONFIG_ERROR
     from wiretap import app  # imported late: everything above works without the runtime parts
 
-    listener = _log_to_stderr(config.logging.level)
+    logs = _log_to_stderr(config.logging.level)
     try:
-        try:
-            # What only the sources know (how many buses a replay log brings) is configuration
-            # too; they are built once, here, and handed to the app.
-            sources = app.build_sources(config)
-        except app.StartupError as error:
-            print(f"config error: {error}", file=sys.stderr)
-            return EXIT_CONFIG_ERROR
-        if args.check_config:
-            print(config.describe(), end="")
-            return _check_database(config) if config.postgres.enable else 0
-        logging.getLogger("wiretap").info("%s starting", buildinfo.describe())
-        return app.run(config, sources)
+        code = _run(args, config, app)
     finally:
-        listener.stop()
+        flushed = logs.stop()
+    if not flushed:
+        # stderr is stalled (a pipe nobody reads): the log writer is blocked in it, and so would
+        # be the interpreter's own flush of stderr on the way out. The rest of the log is lost.
+        os._exit(code)
+    return code
+
+
+def _run(args: argparse.Namespace, config: Config, app: ModuleType) -> int:
+    try:
+        # What only the sources know (how many buses a replay log brings) is configuration
+        # too; they are built once, here, and handed to the app.
+        sources = app.build_sources(config)
+    except app.StartupError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if args.check_config:
+        print(config.describe(), end="")
+        return _check_database(config) if config.postgres.enable else 0
+    logging.getLogger("wiretap").info("%s starting", buildinfo.describe())
+    return app.run(config, sources)
 
 
 def _check_database(config: Config) -> int:
@@ -74,15 +84,13 @@ def _check_database(config: Config) -> int:
     return 0
 
 
-def _log_to_stderr(level: str) -> logging.handlers.QueueListener:
-    """Log through a queue: a thread that logs (the dispatcher counting a drop, say) must never
-    wait on a stalled stderr pipe or a journald that pushes back."""
+def _log_to_stderr(level: str) -> LogQueue:
+    """Log through a bounded queue: a thread that logs (the dispatcher counting a drop, say) must
+    never wait on a stalled stderr pipe or a journald that pushes back."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    records: queue.SimpleQueue = queue.SimpleQueue()
     root = logging.getLogger()
-    root.addHandler(logging.handlers.QueueHandler(records))
     root.setLevel(level)
-    listener = logging.handlers.QueueListener(records, handler)
-    listener.start()
-    return listener
+    logs = LogQueue(handler, root)
+    logs.start()
+    return logs

@@ -18,6 +18,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -50,6 +51,7 @@ class ServerConfig:
     read_only: bool = False
     allow: Tuple[str, ...] = ()
     max_clients: int = 16
+    handshake_timeout: float = 5.0
     gvret_fd: str = "auto"
     gvret_flow_control: str = "auto"
     reconfigure_interfaces: bool = False
@@ -213,6 +215,27 @@ def _ip_address(value: Any, textual: bool) -> str:
     return value
 
 
+_HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _listen_host(value: Any, textual: bool) -> str:
+    """An IPv4 or IPv6 address, or a host name (RFC 1123); a dotted number that is not an IPv4
+    address (``1.2.3.999``) is refused here rather than when the server binds."""
+    text = _nonempty_text(value, textual)
+    try:
+        ipaddress.ip_address(text)
+        return text
+    except ValueError:
+        pass
+    labels = text[:-1].split(".") if text.endswith(".") else text.split(".")
+    numeric = all(label.isdigit() for label in labels)
+    if numeric or ":" in text:
+        raise _Invalid("is not a valid IPv4 or IPv6 address")
+    if len(text) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise _Invalid("expected an IP address (e.g. 0.0.0.0, 127.0.0.1, ::) or a host name")
+    return text
+
+
 def _entries(value: Any) -> List[str]:
     """A comma-separated string or an array of strings, as a list of stripped entries."""
     if isinstance(value, str):
@@ -303,7 +326,7 @@ _SECTIONS: Dict[str, Tuple[type, Dict[str, Convert]]] = {
         {
             "iface": _interfaces,
             "bus_offset": _integer(0),
-            "host": _nonempty_text,
+            "host": _listen_host,
             "port": _integer(0, 65535),
             "can_fd": _boolean,
             "echo_console": _boolean,
@@ -312,6 +335,7 @@ _SECTIONS: Dict[str, Tuple[type, Dict[str, Convert]]] = {
             "read_only": _boolean,
             "allow": _networks,
             "max_clients": _integer(1),
+            "handshake_timeout": _number(0, low_allowed=True),
             "gvret_fd": _choice("auto", "wiretap", "esp32ret", "classic"),
             "gvret_flow_control": _choice("auto", "off"),
             "reconfigure_interfaces": _boolean,
@@ -379,6 +403,8 @@ _FLAGS: Tuple[_Flag, ...] = (
     _Flag(("--allow",), "server.allow", "ADDR[,ADDR]",
           "Accept clients only from these addresses / CIDR networks; may repeat"),
     _Flag(("--max-clients",), "server.max_clients", "N", "Most GVRET clients at once"),
+    _Flag(("--handshake-timeout",), "server.handshake_timeout", "SEC",
+          "Close a connection not in binary mode this long after connecting (0: never)"),
     _Flag(("--gvret-fd",), "server.gvret_fd", "DIALECT",
           "CAN FD dialect for GVRET clients: auto, wiretap, esp32ret or classic"),
     _Flag(("--gvret-flow-control",), "server.gvret_flow_control", "MODE",

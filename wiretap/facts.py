@@ -60,18 +60,18 @@ def collect(app: App) -> Dict[str, object]:
     }
     if app.pg is not None:
         counters = app.pg.counters()
-        oldest = app.pg.oldest_queued_ns()
         try:
             spool_bytes = os.path.getsize(app.config.postgres.cache_path)
         except OSError:
             spool_bytes = 0
         snapshot["database"] = {
             "connected": bool(counters["conn"]),
+            "problem": app.pg.config_problem,
             "rows_written_total": counters["wrote"],
             "queue_frames": counters["queued"],
             "spool_frames": counters["spooled"],
             "spool_bytes": spool_bytes,
-            "lag_seconds": 0.0 if oldest is None else max(0.0, (time.time_ns() - oldest) / 1e9),
+            "lag_seconds": round(app.pg.ledger.oldest_wait(), 3),
             "frames_dropped_total": counters["dropped"],
         }
     return snapshot

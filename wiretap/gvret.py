@@ -790,14 +790,12 @@ class Connection:
     def _fit(self, frames: Sequence[Frame], dialect: Dialect, room: int) -> Tuple[bytes, int]:
         """The longest first part of ``frames`` whose encoding fits in ``room`` bytes: frames
         are dropped whole, newest first, so what the client gets stays in order."""
-        size = 0
-        end = 0
-        for end, frame in enumerate(frames):  # noqa: B007 (end is used after the loop)
-            size += _frame_size(frame, dialect)
+        size = end = 0
+        while end < len(frames):
+            size += _frame_size(frames[end], dialect)
             if size > room:
                 break
-        else:
-            end = len(frames)
+            end += 1
         if end == 0:
             return b"", 0
         data, count, _ = encode_frames(frames[:end], dialect, self.start_ns)

@@ -11,7 +11,8 @@ Each client has an outbox: replies to its commands go out ahead of any queued fr
 SavvyCAN keepalive must never wait behind frames), and frame data is bounded (256 KB; beyond it
 the client loses frames, counted). The kernel's send buffer is kept small (~64 KB). Neither bounds
 what waits in the *client's* receive queue, which its kernel grows to megabytes: for clients
-that send keepalives like SavvyCAN, the connection's flow-control window does (docs/gvret.md §3).
+that send keepalives like SavvyCAN, the connection's flow-control window does, and their writer
+paces frame data (``gvret.PACE_BYTES`` per ``gvret.PACE_INTERVAL_S``; docs/gvret.md §3).
 """
 
 from __future__ import annotations
@@ -46,7 +47,15 @@ STALL_TIMEOUT_S = 30.0
 SOCKET_POLL_S = 0.5
 BEACON_PORT = 17222
 BEACON_PAYLOAD = b"\x1c\xef\xac\xed"
-REFUSAL_LOG_INTERVAL_S = 10.0
+# A peer that vanished (Wi-Fi out of range, power cut) sends no FIN: keepalive probes from 10 s of
+# silence, then every 5 s, and TCP_USER_TIMEOUT ending the connection once 30 s pass with nothing
+# acknowledged (it also bounds probes, and data left unacknowledged while frames are sent).
+KEEPALIVE_IDLE_S = 10
+KEEPALIVE_INTERVAL_S = 5
+KEEPALIVE_PROBES = 4
+USER_TIMEOUT_MS = 30_000
+LISTEN_BACKLOG = 1024  # socketserver's 5 made every sixth quick connect wait a SYN retransmit
+REFUSAL_LOG_INTERVAL_S = 10.0  # each kind of line a client can trigger: at most one per 10 s
 SIOCOUTQ = termios.TIOCOUTQ  # <linux/sockios.h>: SIOCOUTQ is TIOCOUTQ
 SIOCOUTQ_VALUE = struct.Struct("i")
 """The ``int`` that ``ioctl(SIOCOUTQ)`` fills in: bytes in the send queue not yet acknowledged."""
@@ -193,6 +202,7 @@ class ClientConnection:
         self.logs = logs
         self.frames_sent = 0
         self.tx_refused = 0
+        self.lost: Optional[str] = None  # why the connection broke, when it did
         self._fd_skip_logged = False
         self._writer = threading.Thread(target=self._write_loop, name=f"writer-{who}", daemon=True)
 
@@ -308,9 +318,16 @@ class ClientConnection:
                 if not self._send_all(data):
                     return
                 if frames:
-                    frames_from = time.monotonic() + gvret.PACE_INTERVAL_S
+                    # On a schedule, not an interval after each write: a writer woken late
+                    # may send the next piece at once (at most one), so that the pace holds
+                    # on a busy machine; it never makes up for more than one interval.
+                    now = time.monotonic()
+                    frames_from = max(frames_from, now - gvret.PACE_INTERVAL_S) + (
+                        gvret.PACE_INTERVAL_S * len(data) / gvret.PACE_BYTES
+                    )
         except OSError as exc:
-            log.debug("client %s: write failed: %s", self.who, exc)
+            if not outbox.closed:  # not the server's own shutdown of the socket
+                self.lost = exc.strerror or str(exc)
         finally:
             # Wake the handler thread (blocked in recv) so the connection ends as one.
             with contextlib.suppress(OSError):
@@ -323,7 +340,9 @@ class ClientConnection:
         while view:
             try:
                 sent = self.sock.send(view)
-            except socket.timeout:
+            except socket.timeout as exc:
+                if not _poll_timeout(exc):
+                    raise
                 if self.outbox.closed:
                     return False
                 if time.monotonic() - last_progress > STALL_TIMEOUT_S:
@@ -347,6 +366,7 @@ class ClientHub:
         self.start_ns = start_ns
         self._clients: Tuple[ClientConnection, ...] = ()
         self._lock = threading.Lock()
+        self.closed = False
         self.dropped_by_gone_clients = 0
         self.refused_by_gone_clients = 0
 
@@ -354,9 +374,21 @@ class ClientHub:
     def clients(self) -> Tuple[ClientConnection, ...]:
         return self._clients
 
-    def add(self, client: ClientConnection) -> None:
+    def add(self, client: ClientConnection) -> bool:
+        """Registers ``client``; False once :meth:`close` was called (the caller then ends the
+        connection itself)."""
         with self._lock:
+            if self.closed:
+                return False
             self._clients = self._clients + (client,)
+            return True
+
+    def close(self) -> Tuple[ClientConnection, ...]:
+        """Closes the door: no client is added from now on. Returns every client added before,
+        so that the caller can end them all; a handler that comes later ends its own."""
+        with self._lock:
+            self.closed = True
+            return self._clients
 
     def remove(self, client: ClientConnection) -> None:
         with self._lock:
@@ -386,6 +418,7 @@ class GvretServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
     block_on_close = False
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(
         self,
@@ -398,6 +431,7 @@ class GvretServer(socketserver.ThreadingTCPServer):
         read_only: bool = False,
         allow: Iterable[str] = (),
         max_clients: int = 16,
+        handshake_timeout: float = 5.0,
         dialect: str = "auto",
         flow_control: str = "auto",
         set_bitrate: Optional[SetBitrate] = None,
@@ -411,6 +445,7 @@ class GvretServer(socketserver.ThreadingTCPServer):
         self.read_only = read_only
         self.allow = _parse_networks(allow)
         self.max_clients = max_clients
+        self.handshake_timeout = handshake_timeout
         self.fixed_dialect = None if dialect == "auto" else gvret.Dialect(dialect)
         self._active = 0
         self._active_lock = threading.Lock()
@@ -423,17 +458,29 @@ class GvretServer(socketserver.ThreadingTCPServer):
 
     def verify_request(self, request, client_address) -> bool:  # noqa: ANN001 (socketserver API)
         who = _address(client_address)
+        host = client_address[0]
+        # Keyed by the peer's host, not its port: each new connection has a new port, and a
+        # peer that connects in a loop must not get a line per connection.
         if self.allow:
-            peer = ipaddress.ip_address(client_address[0])
+            peer = ipaddress.ip_address(host)
             if peer.version == 6 and peer.ipv4_mapped:
                 peer = peer.ipv4_mapped
             if not any(peer in network for network in self.allow):
-                log.warning("client %s: refused, not in the allow list", who)
+                self.logs.log(
+                    (host, "not allowed"),
+                    logging.WARNING,
+                    "client %s: refused, not in the allow list",
+                    who,
+                )
                 return False
         with self._active_lock:
             if self._active >= self.max_clients:
-                log.warning(
-                    "client %s: refused, already serving max_clients=%d", who, self.max_clients
+                self.logs.log(
+                    (host, "max_clients"),
+                    logging.WARNING,
+                    "client %s: refused, already serving max_clients=%d",
+                    who,
+                    self.max_clients,
                 )
                 return False
             self._active += 1
@@ -459,6 +506,13 @@ class GvretServer(socketserver.ThreadingTCPServer):
         super().shutdown_request(request)
 
 
+def _poll_timeout(exc: OSError) -> bool:
+    """True for the socket's own timeout (nothing to read or write yet), False for a connection
+    the kernel timed out (ETIMEDOUT: keepalive or TCP_USER_TIMEOUT). Python 3.10 made both the
+    same class, ``TimeoutError``; only the errno tells them apart."""
+    return isinstance(exc, socket.timeout) and exc.errno is None
+
+
 def _address(client_address: Tuple) -> str:
     host, port = client_address[0], client_address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -476,6 +530,10 @@ class GvretHandler(socketserver.BaseRequestHandler):
         server = self.server
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         sock.settimeout(SOCKET_POLL_S)
         self.who = _address(self.client_address)
@@ -489,19 +547,40 @@ class GvretHandler(socketserver.BaseRequestHandler):
             flow_control=server.flow_control,
             logs=server.logs,
         )
+        self.served = False
 
     def handle(self) -> None:
         client = self.client
+        self.served = self.server.hub.add(client)
+        if not self.served:
+            return  # the server is shutting down: this connection is closed unserved
         log.info("client %s: connected", self.who)
         client.start_writer()
-        self.server.hub.add(client)
         sock = self.request
+        timeout = self.server.handshake_timeout
+        handshake_deadline = time.monotonic() + timeout if timeout else None
         while not client.outbox.closed:
+            if (
+                handshake_deadline is not None
+                and not client.streaming
+                and time.monotonic() >= handshake_deadline
+            ):
+                # Keyed by host: a scanner or a crowd of silent sockets costs one line per 10 s.
+                self.server.logs.log(
+                    (self.client_address[0], "no binary mode"),
+                    logging.WARNING,
+                    "client %s: closed, not in binary mode %g s after connecting "
+                    "(handshake_timeout)",
+                    self.who,
+                    timeout,
+                )
+                break
             try:
                 data = sock.recv(4096)
-            except socket.timeout:
-                continue
-            except OSError:
+            except OSError as exc:
+                if _poll_timeout(exc):
+                    continue
+                client.lost = exc.strerror or str(exc)
                 break
             if not data:
                 break
@@ -515,14 +594,18 @@ class GvretHandler(socketserver.BaseRequestHandler):
     def finish(self) -> None:
         client = self.client
         self.server.release(self.request)
+        if not self.served:
+            return
         self.server.hub.remove(client)
         client.stop_writer()
-        self.server.logs.forget(self.who)
+        suppressed = self.server.logs.forget(self.who)
         log.info(
-            "client %s: disconnected (%d frames sent, %d dropped)",
+            "client %s: disconnected (%d frames sent, %d dropped%s%s)",
             self.who,
             client.frames_sent,
             client.dropped,
+            f", {suppressed} log lines suppressed" if suppressed else "",
+            f", connection lost: {client.lost}" if client.lost else "",
         )
 
     def _handle_events(self, events: List[gvret.ConnectionEvent]) -> bool:
@@ -605,8 +688,15 @@ class GvretHandler(socketserver.BaseRequestHandler):
                 exc,
             )
             return
-        log.warning(
-            "client %s: asked for bus %d at %d bit/s: %s", who, event.bus, event.bitrate, done
+        # A client that alternates two speeds in a loop must not get a line per change.
+        self.server.logs.log(
+            (who, f"bitrate-set-{event.bus}"),
+            logging.WARNING,
+            "client %s: asked for bus %d at %d bit/s: %s",
+            who,
+            event.bus,
+            event.bitrate,
+            done,
         )
 
     def _transmit(self, event: gvret.Transmit) -> None:

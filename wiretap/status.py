@@ -90,8 +90,10 @@ class Sampler:
             bus["healthy"] = bool(bus["up"]) and bus["state"] in HEALTHY_STATES
         database = facts.get("database")
         if database is not None:
-            database["healthy"] = bool(database["connected"])
-            if not database["connected"]:
+            database["healthy"] = bool(database["connected"]) and not database.get("problem")
+            if database.get("problem"):
+                database["state"] = "refuses writes"
+            elif not database["connected"]:
                 database["state"] = "down"
             elif database["spool_frames"]:
                 database["state"] = "draining spool"
@@ -217,6 +219,8 @@ def render_metrics(view: Snapshot) -> str:
     if database is not None:
         for name, kind, key, help_text in (
             ("wiretap_database_up", "gauge", "connected", "1 while connected to PostgreSQL."),
+            ("wiretap_database_refusing", "gauge", "refusing",
+             "1 while PostgreSQL refuses the server's writes (a configuration mistake)."),
             ("wiretap_database_rows_written_total", "counter", "rows_written_total",
              "Rows committed to PostgreSQL."),
             ("wiretap_database_queue_frames", "gauge", "queue_frames",
@@ -225,11 +229,12 @@ def render_metrics(view: Snapshot) -> str:
              "Frames parked in the on-disk spool."),
             ("wiretap_database_spool_bytes", "gauge", "spool_bytes", "Size of the spool file."),
             ("wiretap_database_lag_seconds", "gauge", "lag_seconds",
-             "Age of the oldest frame not yet written (0 when caught up)."),
+             "How long the oldest frame in memory has waited for the database."),
             ("wiretap_database_frames_dropped_total", "counter", "frames_dropped_total",
              "Frames that will never reach the database (counted, logged)."),
         ):  # fmt: skip
-            out.add(name, kind, help_text, [({}, database[key])])
+            value = bool(database.get("problem")) if key == "refusing" else database[key]
+            out.add(name, kind, help_text, [({}, value)])
     return "\n".join(out.lines) + "\n"
 
 
@@ -461,7 +466,8 @@ function render(s) {
     cards.push(el("section", {class: "database " + (db.healthy ? "ok" : "bad"),
         "data-state": db.state},
       el("h2", {}, el("span", {class: "dot"}), "PostgreSQL"),
-      rows([["state", db.state], ["rows written", fmt(db.rows_written_total, 0)],
+      rows([["state", db.state], ...(db.problem ? [["problem", db.problem]] : []),
+            ["rows written", fmt(db.rows_written_total, 0)],
             ["queued", fmt(db.queue_frames, 0)],
             ["spool", fmt(db.spool_frames, 0) + " frames, " + fmt(db.spool_bytes / 1e6, 1) +
               " MB"],

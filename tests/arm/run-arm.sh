@@ -13,14 +13,14 @@
 # When the tier cannot run it says why and exits 0, except under CI=true, where a skip is a failure.
 #
 # Usage: tests/arm/run-arm.sh [extra pytest args]
-# Environment: WIRETAP_ARM_TARGETS (default "bookworm:armhf trixie:armhf trixie:arm64").
+# Environment: WIRETAP_ARM_TARGETS (default "bookworm:armhf trixie:armhf trixie:arm64"),
+# WIRETAP_ARM_MIRROR (default: the first Debian archive this machine's apt sources name).
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$repo"
 cache=${WIRETAP_ARM_CACHE:-/var/cache/wiretap-arm}
 targets=${WIRETAP_ARM_TARGETS:-"bookworm:armhf trixie:armhf trixie:arm64"}
-mirror=http://deb.debian.org/debian
 packages=python3,python3-psycopg2,python3-pytest,python3-hypothesis,iproute2
 
 skip() {
@@ -40,11 +40,14 @@ command -v update-binfmts >/dev/null || missing+=(binfmt-support)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
 if [ ${#missing[@]} -gt 0 ]; then
     command -v apt-get >/dev/null || skip "no apt-get to install ${missing[*]}"
-    echo "arm tier: installing ${missing[*]} (waiting up to 5 min for another apt to finish)"
-    apt-get -o DPkg::Lock::Timeout=300 update -q >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -q \
-        --no-install-recommends "${missing[@]}" >/dev/null
+    echo "arm tier: installing ${missing[*]}"
+    scripts/apt-install.sh "${missing[@]}"
 fi
+
+# The Debian archive this machine installs from (not its security archive).
+mirror=${WIRETAP_ARM_MIRROR:-$(cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null |
+    grep -v '^[[:space:]]*#' | grep -o 'https\?://[^[:space:]]*' | grep -v security | head -1 || true)}
+[ -n "$mirror" ] || skip "no Debian archive in this machine's apt sources (set WIRETAP_ARM_MIRROR)"
 
 # binfmt_misc is what lets an ARM binary (and every subprocess a test starts) run here.
 [ -e /proc/sys/fs/binfmt_misc/register ] ||

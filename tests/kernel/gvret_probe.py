@@ -14,7 +14,9 @@ import select
 import socket
 import struct
 import time
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Optional
+
+from vcan_tools import TIMEOUT, scaled
 
 FD_LENGTHS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 48, 64)
 EXTENDED_BIT = 0x80000000
@@ -42,7 +44,7 @@ class GvretProbe:
     """One client connection; ``read_frames(n)`` returns exactly the next ``n`` frames."""
 
     def __init__(self, port: int, host: str = "127.0.0.1") -> None:
-        self.sock = socket.create_connection((host, port), timeout=10)
+        self.sock = socket.create_connection((host, port), timeout=scaled(10))
         self.sock.sendall(WIRETAP_HELLO)
         self._buffer = b""
         self._frames: List[GvretFrame] = []
@@ -60,9 +62,9 @@ class GvretProbe:
         raw_id = can_id | (EXTENDED_BIT if extended else 0)
         self.sock.sendall(TRANSMIT_HEAD.pack(b"\xf1\x00", raw_id, bus, len(data)) + data + b"\0")
 
-    def read_frames(self, count: int, timeout: float = 20.0) -> List[GvretFrame]:
+    def read_frames(self, count: int, timeout: Optional[float] = None) -> List[GvretFrame]:
         """The next ``count`` frames; AssertionError naming how many came if they do not."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (timeout if timeout is not None else scaled(TIMEOUT))
         while len(self._frames) < count:
             remaining = deadline - time.monotonic()
             assert remaining > 0, f"expected {count} frames, got {len(self._frames)}"

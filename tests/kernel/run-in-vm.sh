@@ -68,9 +68,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     [ "$(id -u)" = 0 ] || skip "not root, and the VM needs these Debian packages: ${missing[*]}"
     command -v apt-get >/dev/null || skip "no apt-get to install ${missing[*]}"
     echo "vcan tier: installing ${missing[*]}"
-    apt-get update -q >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" \
-        >/dev/null
+    scripts/apt-install.sh "${missing[@]}"
 fi
 kernel=$(find_kernel) || skip "no kernel image in /boot with a vcan module"
 

@@ -17,6 +17,7 @@ from vcan_tools import (
     cangen,
     parse_candump_line,
     readers,
+    scaled,
     server_on,
     wait_for_readers,
 )
@@ -46,7 +47,7 @@ def test_every_frame_from_the_bus_is_a_row_with_its_kernel_timestamp(
     try:
         wait_for_readers(iface, before + 1)
         cangen(iface, FRAMES, "-g", "1", "-I", "i", "-L", "8", "-D", "i")
-        dumped, _ = candump.communicate(timeout=30)
+        dumped, _ = candump.communicate(timeout=scaled(30))
     finally:
         candump.kill()
     stats = server.stop()

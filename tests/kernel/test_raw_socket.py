@@ -13,6 +13,7 @@ import time
 from typing import Callable, Tuple
 
 import pytest
+from vcan_tools import scaled
 
 from wiretap.frames import CAN_MTU, CANFD_MTU, decode
 from wiretap.sources.socketcan import TIMEVAL_64, enable_timestamps, parse_ancillary
@@ -25,7 +26,7 @@ def open_raw(iface: str, fd: bool = False) -> socket.socket:
     enable_timestamps(sock)
     if fd:
         sock.setsockopt(socket.SOL_CAN_RAW, socket.CAN_RAW_FD_FRAMES, 1)
-    sock.settimeout(10)
+    sock.settimeout(scaled(10))
     sock.bind((iface,))
     return sock
 

@@ -12,7 +12,7 @@ import re
 import socket
 import time
 import urllib.request
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import pytest
 from gvret_probe import FD_LENGTHS, GvretFrame, GvretProbe
@@ -25,6 +25,7 @@ from vcan_tools import (
     interface_exists,
     ip_link,
     parse_candump_line,
+    scaled,
     server_on,
     wait_for_readers,
 )
@@ -229,16 +230,17 @@ def test_interface_missing_at_start_is_picked_up_when_it_appears(
 
 
 def read_through_end_marker(
-    client: GvretProbe, iface: str, timeout: float = 30.0
+    client: GvretProbe, iface: str, timeout: Optional[float] = None
 ) -> Tuple[List[GvretFrame], int]:
     """Every frame up to an end marker sent after the flood, and how many markers were sent.
 
     The marker is one byte long, which no ``-L 8`` flood frame is (``-I i`` sends ID 7FF too).
     Its arrival means everything queued before it on the bus has reached the client or was
     dropped on the way. A marker can itself be dropped if the server's socket is still full,
-    so one that has not come within 2 s is followed by the next (numbered by its byte); reading
-    ends only at the last one sent, since an earlier one may just be late.
+    so one that has not come within 2 s (scaled) is followed by the next (numbered by its byte);
+    reading ends only at the last one sent, since an earlier one may just be late.
     """
+    timeout = timeout if timeout is not None else scaled(30.0)
     received: List[GvretFrame] = []
     deadline = time.monotonic() + timeout
     markers = 0
@@ -246,12 +248,12 @@ def read_through_end_marker(
         last_marker = (0x7FF, bytes([markers]))
         cansend(iface, f"7FF#{markers:02X}")
         markers += 1
-        resend_at = min(time.monotonic() + 2.0, deadline)
+        resend_at = min(time.monotonic() + scaled(2.0), deadline)
         while time.monotonic() < resend_at:
             received += client.read_available(quiet=0.1)
             if received and (received[-1].can_id, received[-1].data) == last_marker:
                 return received, markers
-    raise AssertionError(f"no end marker arrived in {timeout} s; got {len(received)} frames")
+    raise AssertionError(f"no end marker arrived in {timeout:.0f} s; got {len(received)} frames")
 
 
 def test_flood_counts_of_kernel_server_and_client_agree(

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from wiretap.frames import CAN_MTU, CANFD_MTU
 
@@ -21,14 +21,54 @@ REPO = Path(__file__).resolve().parent.parent.parent
 SERVER = REPO / "wiretap-server.py"
 RECEIVE_LIST = Path("/proc/net/can/rcvlist_all")
 TIMEOUT = 20.0
+"""The base wait for anything the tier waits for, right for a machine that starts Python and
+imports the server in :data:`REFERENCE_START_S`; every wait is :func:`scaled` to this one."""
+REFERENCE_START_S = 1.0
 # Log format, and a receive buffer large enough that a slow guest's candump drops nothing.
 CANDUMP_OPTIONS = ("-L", "-r", str(4 * 1024 * 1024))
 
+_slowness = 1.0
 
-def wait_until(condition: Callable[[], object], what: str, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
+
+def calibrate() -> Tuple[float, float]:
+    """Measures how slow this machine is now and scales every wait of the tier to it.
+
+    The yardstick is what the server does before it listens: start Python and import itself (and
+    psycopg2), the slower of two runs. A VM without KVM on a loaded host is many times slower
+    than a quiet one; a fixed wait either fails there or hides a hang everywhere else. Returns
+    the time measured and the factor the waits are scaled by (at least 1).
+    """
+    global _slowness
+    runs = []
+    for _ in range(2):
+        started = time.monotonic()
+        subprocess.run(
+            [sys.executable, "-c", "import psycopg2, wiretap.app, wiretap.pg.writer"],
+            cwd=REPO, check=True,
+        )  # fmt: skip
+        runs.append(time.monotonic() - started)
+    _slowness = max(1.0, max(runs) / REFERENCE_START_S)
+    return max(runs), _slowness
+
+
+def scaled(seconds: float) -> float:
+    """``seconds`` on the reference machine, as long as it takes on this one (see calibrate)."""
+    return seconds * _slowness
+
+
+def wait_until(
+    condition: Callable[[], object],
+    what: str,
+    timeout: Optional[float] = None,
+    log: Optional[Callable[[], str]] = None,
+) -> None:
+    """Polls ``condition`` for ``timeout`` s (default: :data:`TIMEOUT`, scaled); on a timeout the
+    AssertionError names ``what`` and shows ``log()``, the log of whatever did not happen."""
+    deadline = time.monotonic() + (timeout if timeout is not None else scaled(TIMEOUT))
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if time.monotonic() >= deadline:
+            shown = f"\n--- server log ---\n{log()}" if log is not None else ""
+            raise AssertionError(f"timed out waiting for {what}{shown}")
         time.sleep(0.05)
 
 
@@ -70,7 +110,11 @@ class ServerProcess:
             environ = dict(os.environ, STATE_DIRECTORY=str(workdir))
             self.process = subprocess.Popen(command, stdout=out, stderr=log, cwd=REPO, env=environ)
         self.port = 0
-        wait_until(self._listening, "the server to listen")
+        try:
+            wait_until(self._listening, "the server to listen", log=self.log)
+        except AssertionError:
+            self.kill()
+            raise
 
     def _listening(self) -> bool:
         assert self.process.poll() is None, f"server exited early:\n{self.log()}"
@@ -89,12 +133,13 @@ class ServerProcess:
         return [line for line in self.log().splitlines() if text in line]
 
     def wait_for_log(self, text: str, count: int = 1) -> None:
-        wait_until(lambda: len(self.log_lines(text)) >= count, f"{count} log line(s) '{text}'")
+        what = f"{count} log line(s) '{text}'"
+        wait_until(lambda: len(self.log_lines(text)) >= count, what, log=self.log)
 
     def stop(self) -> Dict[str, int]:
         """SIGTERM; asserts a clean exit and returns the final stats line's counters."""
         self.process.send_signal(signal.SIGTERM)
-        assert self.process.wait(timeout=30) == 0, self.log()
+        assert self.process.wait(timeout=scaled(30)) == 0, self.log()
         return self.last_stats()
 
     def last_stats(self) -> Dict[str, int]:
@@ -121,7 +166,7 @@ class Candump:
 
     def stop(self) -> List[str]:
         self.process.send_signal(signal.SIGINT)
-        self.process.wait(timeout=10)
+        self.process.wait(timeout=scaled(10))
         return self.path.read_text().splitlines()
 
 

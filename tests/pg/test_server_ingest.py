@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+import signal
 import sqlite3
 from pathlib import Path
 from typing import List
 
 import pytest
 from gvret_client import SAVVYCAN_HELLO, GvretClient
-from harness import ServerProcess
+from harness import ServerProcess, wait_until
 from pg_helpers import fetch
 from pgcluster import free_port
 
@@ -107,3 +108,18 @@ def test_live_stream_and_keepalives_go_on_while_database_is_unreachable(servers,
     assert f"wrote=0 dropped=0 spooled={enq} conn=0" in final
     assert spool_count(tmp_path) == enq
     assert not any("hunter2" in line for line in server.lines)
+
+
+def test_sighup_mid_replay_stops_like_sigterm_and_stores_every_frame_read(pg, servers, tmp_path):
+    # SIGHUP is what closing the terminal of scripts/run.sh sends: a clean stop, never a loss.
+    server = servers(tmp_path, "--pg-dsn", pg.dsn, "--replay-speed", "5", "--replay-loop")
+    wait_until(lambda: fetch(pg.dsn, "select count(*) from public.can_frame")[0][0] > 0,
+               what="the first rows")  # fmt: skip
+    assert server.stop(signal.SIGHUP) == 0
+    assert sum("SIGHUP: shutting down" in line for line in server.lines) == 1
+
+    read = int(re.search(r" rx=(\d+)", server.final_stats()).group(1))
+    assert f"enq={read} wrote={read} dropped=0 spooled=0" in server.final_stats()
+    rows = fetch(pg.dsn, "select id, data_bytes from public.can_frame order by row_id")
+    assert rows == [(DEMO[i % len(DEMO)].frame.can_id, DEMO[i % len(DEMO)].frame.data)
+                    for i in range(read)]  # fmt: skip

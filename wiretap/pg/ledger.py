@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Deque, Dict, List, Optional, Sequence, Tuple
+import time
+from typing import Deque, Dict, List, Sequence, Tuple
 
 from ..frames import Frame
 
@@ -32,6 +33,7 @@ DROP_REASONS = (QUEUE_FULL, REJECTED, SHUTDOWN, WRITER_ERROR)
 
 Chunk = Tuple[int, List[Frame]]
 """Consecutive frames and the number of the first."""
+_Queued = Tuple[int, List[Frame], float]  # a chunk and when it was queued (monotonic)
 
 
 class Ledger:
@@ -40,7 +42,7 @@ class Ledger:
     def __init__(self, queue_limit: int, carried: int = 0, first_number: int = 1) -> None:
         self.queue_limit = queue_limit
         self._lock = threading.Lock()
-        self._chunks: Deque[Chunk] = collections.deque()
+        self._chunks: Deque[_Queued] = collections.deque()
         self._next_number = first_number
         self.offered = 0
         self.carried = carried
@@ -66,36 +68,31 @@ class Ledger:
                 frames = frames[:room]
                 count = room
             if count:
-                self._chunks.append((self._next_number, frames))  # type: ignore[arg-type]
+                self._chunks.append((self._next_number, frames, time.monotonic()))  # type: ignore[arg-type]
                 self._next_number += count
                 self.queued += count
             return count, self.queued
 
     def _take(self, limit: int) -> Chunk:
         chunks = self._chunks
-        first, frames = chunks.popleft()
+        first, frames, queued_at = chunks.popleft()
         if len(frames) > limit:
-            chunks.appendleft((first + limit, frames[limit:]))
+            chunks.appendleft((first + limit, frames[limit:], queued_at))
             frames = frames[:limit]
         else:
             frames = list(frames)
             while chunks and len(frames) < limit:
-                number, more = chunks[0]
+                number, more, queued_at = chunks[0]
                 if number != first + len(frames):
                     break  # a chunk given back after a gap: it starts a new run of numbers
                 want = limit - len(frames)
                 chunks.popleft()
                 if len(more) > want:
-                    chunks.appendleft((number + want, more[want:]))
+                    chunks.appendleft((number + want, more[want:], queued_at))
                     more = more[:want]
                 frames.extend(more)
         self.queued -= len(frames)
         return first, frames
-
-    def oldest_ns(self) -> Optional[int]:
-        """Receive time of the frame at the queue's head, None when the queue is empty."""
-        with self._lock:
-            return self._chunks[0][1][0].ts_ns if self._chunks else None
 
     def take_batch(self, limit: int) -> Chunk:
         """Up to ``limit`` frames from the head for the writer; none while the spool holds rows
@@ -121,7 +118,7 @@ class Ledger:
         if not frames:
             return
         with self._lock:
-            self._chunks.appendleft((first, frames))
+            self._chunks.appendleft((first, frames, time.monotonic()))
             self.queued += len(frames)
             self._release(len(frames), by_writer)
 
@@ -168,6 +165,14 @@ class Ledger:
             return count
 
     # -- reading --------------------------------------------------------------------------------
+
+    def oldest_wait(self) -> float:
+        """Seconds the frame at the queue's head has waited (0 for an empty queue)."""
+        chunks = self._chunks
+        try:
+            return time.monotonic() - chunks[0][2]
+        except IndexError:
+            return 0.0
 
     @property
     def in_memory(self) -> int:

@@ -20,7 +20,7 @@ import contextlib
 import os
 import sqlite3
 import threading
-from typing import List, NamedTuple, Sequence, Tuple
+from typing import Iterator, List, NamedTuple, Sequence, Tuple
 
 from .rows import Row
 
@@ -133,16 +133,25 @@ class Spool:
     # -- writing --------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _transaction(self):
+    def _transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One SQLite transaction, committed or rolled back. ``durable=False`` skips its fsync
+        (WAL with ``synchronous=normal``: the next durable commit syncs it as well; a power cut
+        may undo it)."""
         with self._lock:
-            self._db.execute("begin immediate")
+            if not durable:
+                self._db.execute("pragma synchronous=normal")
             try:
-                yield self._db
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    self._db.execute("rollback")
-                raise
-            self._db.execute("commit")
+                self._db.execute("begin immediate")
+                try:
+                    yield self._db
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("rollback")
+                    raise
+                self._db.execute("commit")
+            finally:
+                if not durable:
+                    self._db.execute("pragma synchronous=full")
 
     def append(self, first_seq: int, rows: Sequence[Row], intent: Tuple[int, int] = ()) -> None:
         """Store ``rows`` numbered from ``first_seq``, in one durable transaction; with
@@ -199,8 +208,10 @@ class Spool:
     def settle(self, intent: Intent, committed: bool) -> int:
         """The outcome of ``intent`` is known: if it committed, its rows leave the spool with it
         (one transaction); if not, only the intent goes and the rows are written again. Returns
-        how many rows left. ``sqlite3.Error`` on failure: then nothing changed."""
-        with self._transaction() as db:
+        how many rows left. ``sqlite3.Error`` on failure: then nothing changed. Not synced to
+        the disk: a power cut may bring the rows and the intent back, and the intent is
+        settled again (PostgreSQL still knows how its transaction ended)."""
+        with self._transaction(durable=False) as db:
             removed, payload = 0, 0
             if committed:
                 removed, payload = db.execute(

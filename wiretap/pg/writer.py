@@ -75,6 +75,9 @@ SPILL_FRACTION = HIGH_WATER_MARKS[0]
 # A statement running longer than this is "holding the writer up": the keeper moves the queue to
 # the spool meanwhile, so frames reach the disk within about a second of a database going away.
 SLOW_STATEMENT_S = 1.0
+# Frames that have waited this long in the queue (a writer that falls behind the bus) go to the
+# spool, where a crash or a power cut cannot take them.
+MEMORY_WAIT_S = 0.5
 KEEPER_TICK_S = 0.2
 SPOOL_CHUNK_ROWS = 20_000
 IDLE_WAIT_S = 0.5
@@ -345,10 +348,6 @@ class PgWriter:
             "carried": snapshot["carried"],
         }
 
-    def oldest_queued_ns(self) -> Optional[int]:
-        """Receive time of the oldest frame waiting in the queue, None when it is empty."""
-        return self.ledger.oldest_ns()
-
     def snapshot(self) -> Dict[str, int]:
         """Every term of the accounting identity, drops by reason (see :class:`Ledger`)."""
         return self.ledger.snapshot()
@@ -407,9 +406,10 @@ class PgWriter:
 
     def _spool_waiting(self, final: bool) -> None:
         """Move frames the writer cannot take to the spool: all of them when the database is
-        away, a statement holds the writer up, the spool has a backlog to drain first, or the
-        writer is done; down to half the queue when it is above the spill level. So frames
-        wait in memory a fraction of a second at most, unless the spool is full."""
+        away, a statement holds the writer up, the spool has a backlog to drain first, frames
+        have waited more than ``MEMORY_WAIT_S``, or the writer is done; down to half the queue
+        when it is above the spill level. So frames wait in memory well under a second, unless
+        the spool is full."""
         ledger = self.ledger
         if not ledger.queued:
             if self._next_mark:
@@ -420,6 +420,7 @@ class PgWriter:
             final
             or self._outage
             or ledger.spooled  # a backlog drains first: new frames wait on disk behind it
+            or ledger.oldest_wait() > MEMORY_WAIT_S
             or (started is not None and time.monotonic() - started > SLOW_STATEMENT_S)
             or (self._stopping.is_set() and self._conn is None)
             or (self._stopping.is_set() and time.monotonic() >= self._writer_deadline)
@@ -435,7 +436,11 @@ class PgWriter:
             first, frames = ledger.take_for_spool(min(SPOOL_CHUNK_ROWS, left))
             if not frames:
                 break
-            stored = self._spool_frames(first, frames, by_writer=False)
+            try:
+                stored = self._spool_frames(first, frames, by_writer=False)
+            except BaseException:
+                ledger.give_back(first, frames, by_writer=False)  # still queued, not lost
+                raise
             left -= len(frames)
             if stored < len(frames):
                 break

@@ -11,7 +11,14 @@ Owns the parsing of candump log lines and their paced playback. A log line is::
 
 Data bytes may be separated by ``.`` and an 8-byte classic frame may carry candump's ``_<dlc>``
 suffix. Error frames (an 8-digit ID with ``CAN_ERR_FLAG``) are valid lines but not data: skipped.
-A malformed line is logged with its line number and skipped; it never stops the replay.
+A malformed line is skipped, never stopping the replay; the first few are logged with their line
+numbers, and one summary line counts them all.
+
+Loggers without a real-time clock write timestamps that jump (1970 to 2023 once the network comes
+up), repeat or run backwards. Playback stays sane and says so once, at start: a gap longer than
+:data:`MAX_GAP_NS` is played as that long, a step backwards as no gap, and a ``--replay-loop`` pass
+lasts at least :data:`MIN_FRAME_GAP_NS` per frame (a full 1 Mbit/s bus), however little time the
+timestamps span.
 
 Each distinct interface name becomes its own bus, numbered from ``first_bus`` in order of first
 appearance. A frame's ``ts_ns`` is its *scheduled* time (wall clock at start plus the log offset
@@ -48,6 +55,18 @@ REPLAY_BITRATE = 500_000
 MIN_LOOP_GAP_NS = 1_000_000
 """Gap between the last frame of a pass and the first of the next when the log gives none."""
 
+MAX_GAP_NS = 10_000_000_000
+"""Longest pause played between two frames (log time): a longer one is a clock that jumped or a
+bus that slept, and waiting it out (54 years for a 1970 -> 2023 jump) helps nobody."""
+
+MIN_FRAME_GAP_NS = 50_000
+"""Shortest mean time a frame takes in a ``--replay-loop`` pass (log time): a classic frame on a
+1 Mbit/s bus takes 47 bits or more, so no real bus is faster. It bounds a loop over a log whose
+timestamps are all equal, instead of replaying it as fast as the CPU allows."""
+
+BAD_LINES_SHOWN = 3
+"""Malformed lines logged one by one; the rest are only counted in the summary line."""
+
 _LINE = re.compile(r"\((\d+)\.(\d{1,9})\)\s+(\S+)\s+(\S+)(?:\s+([TR]))?")
 _HEX = re.compile(r"[0-9A-Fa-f]*")
 
@@ -59,6 +78,7 @@ class LogLine(NamedTuple):
     iface: str
     frame: Frame
     marked_tx: bool
+    line_number: int = 0
 
 
 def _parse_hex_bytes(text: str) -> bytes:
@@ -136,18 +156,72 @@ def parse_line(line: str) -> Optional[LogLine]:
 
 
 def read_log(path: str) -> List[LogLine]:
-    """Every good line of the log at ``path``; each bad one is logged as a warning and skipped."""
+    """Every good line of the log at ``path``. Bad ones are skipped: the first
+    :data:`BAD_LINES_SHOWN` logged as warnings with their line numbers, and all of them counted in
+    one summary line when there were more."""
     lines: List[LogLine] = []
+    bad = 0
     with open(path, encoding="ascii", errors="replace") as log_file:
         for line_number, line in enumerate(log_file, 1):
             try:
                 parsed = parse_line(line)
             except ValueError as error:
-                log.warning("replay %s:%d: %s", path, line_number, error)
+                bad += 1
+                if bad <= BAD_LINES_SHOWN:
+                    log.warning("replay %s:%d: %s", path, line_number, error)
                 continue
             if parsed is not None:
-                lines.append(parsed)
+                lines.append(parsed._replace(line_number=line_number))
+    if bad > BAD_LINES_SHOWN:
+        log.warning(
+            "replay %s: %d malformed lines skipped in all (the first %d shown above)",
+            path, bad, BAD_LINES_SHOWN,
+        )  # fmt: skip
     return lines
+
+
+class Schedule(NamedTuple):
+    """When each line plays, in log time since the first frame, and what had to be mended: how
+    many gaps were cut short and steps backwards flattened, the first of each (its line number,
+    and for a gap its length)."""
+
+    offsets_ns: List[int]
+    long_gaps: int
+    first_long_gap: Tuple[int, int]
+    backward_steps: int
+    first_backward_step: int
+
+
+def schedule(lines: List[LogLine]) -> Schedule:
+    """Offsets that follow the log's timestamps, except that a gap longer than
+    :data:`MAX_GAP_NS` becomes that long and a step backwards becomes no gap."""
+    offsets: List[int] = []
+    long_gaps = backward_steps = 0
+    first_long = (0, 0)
+    first_backward = 0
+    offset = 0
+    previous_ts = lines[0].ts_ns if lines else 0
+    for line in lines:
+        gap = line.ts_ns - previous_ts
+        previous_ts = line.ts_ns
+        if gap > MAX_GAP_NS:
+            long_gaps += 1
+            first_long = first_long if long_gaps > 1 else (line.line_number, gap)
+            gap = MAX_GAP_NS
+        elif gap < 0:
+            backward_steps += 1
+            first_backward = first_backward if backward_steps > 1 else line.line_number
+            gap = 0
+        offset += gap
+        offsets.append(offset)
+    return Schedule(offsets, long_gaps, first_long, backward_steps, first_backward)
+
+
+def _seconds(ns: int) -> str:
+    seconds = ns / 1e9
+    if seconds >= 2 * 365.25 * 86400:
+        return f"{seconds / (365.25 * 86400):,.1f} years"
+    return f"{seconds:,.3f} s"
 
 
 class ReplaySource(Source):
@@ -172,28 +246,53 @@ class ReplaySource(Source):
 
         buses: Dict[str, int] = {}
         lines = read_log(path)
-        first_ts = lines[0].ts_ns if lines else 0
+        plan = schedule(lines)
+        self._warn_about(plan)
         self._entries: List[Tuple[int, Frame]] = []
-        for line in lines:
+        for line, offset in zip(lines, plan.offsets_ns):
             bus = buses.setdefault(line.iface, first_bus + len(buses))
             direction = TX if line.marked_tx else RX
-            self._entries.append(
-                (line.ts_ns - first_ts, line.frame._replace(bus=bus, direction=direction))
-            )
+            self._entries.append((offset, line.frame._replace(bus=bus, direction=direction)))
         if not self._entries:
             log.warning("replay %s: no frames in the log", path)
         self.bus_count = max(len(buses), 1)
         self.interfaces = list(buses)
 
-        span = lines[-1].ts_ns - first_ts if lines else 0
+        span = plan.offsets_ns[-1] if lines else 0
         mean_gap = span // (len(lines) - 1) if len(lines) > 1 else 0
-        self._loop_period_ns = span + max(mean_gap, MIN_LOOP_GAP_NS)
+        period = span + max(mean_gap, MIN_LOOP_GAP_NS)
+        shortest = len(lines) * MIN_FRAME_GAP_NS
+        if loop and lines and period < shortest:
+            log.warning(
+                "replay %s: %d frames span only %s of log time: each --replay-loop pass lasts %s "
+                "(%d us a frame, a full 1 Mbit/s bus) rather than replaying them as fast as the "
+                "CPU allows",
+                path, len(lines), _seconds(span), _seconds(shortest), MIN_FRAME_GAP_NS // 1000,
+            )  # fmt: skip
+            period = shortest
+        self._loop_period_ns = period
 
         self._init_thread("reader-replay")
         self._lock = threading.Lock()
         self._tx = 0
         self._fd_skipped = 0
         self._replayed = 0
+
+    def _warn_about(self, plan: Schedule) -> None:
+        if plan.long_gaps:
+            line_number, gap = plan.first_long_gap
+            log.warning(
+                "replay %s: %d gaps longer than %s between frames played as %s (the first: %s "
+                "before line %d, a clock that jumped or a bus that slept)",
+                self.path, plan.long_gaps, _seconds(MAX_GAP_NS), _seconds(MAX_GAP_NS),
+                _seconds(gap), line_number,
+            )  # fmt: skip
+        if plan.backward_steps:
+            log.warning(
+                "replay %s: timestamps run backwards %d times (the first at line %d): those "
+                "frames play without a pause",
+                self.path, plan.backward_steps, plan.first_backward_step,
+            )  # fmt: skip
 
     def transmit(self, frame: Frame, origin: int) -> TransmitResult:
         """No wire to send on: confirm the frame as the kernel would, as a ``tx`` frame now."""
