@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from harness import wait_until
-from prometheus_client.parser import text_string_to_metric_families
 
 from wiretap.frames import make_frame
 
@@ -29,7 +28,8 @@ def database(port: int) -> dict:
 
 
 def metric(port: int, name: str) -> float:
-    for family in text_string_to_metric_families(get(port, "/metrics")):
+    parser = pytest.importorskip("prometheus_client.parser")
+    for family in parser.text_string_to_metric_families(get(port, "/metrics")):
         for sample in family.samples:
             if sample.name == name:
                 return sample.value
