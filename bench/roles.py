@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import selectors
 import socket
 import struct
@@ -69,20 +70,42 @@ def percentile(values: Sequence[float], fraction: float) -> Optional[float]:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+def thread_cpu() -> Dict[str, float]:
+    """CPU seconds of each live thread of this process, by thread name (the kernel's
+    ``/proc/self/task/<tid>/schedstat``, in ns), so a phase can show where the time goes."""
+    import threading
+
+    seconds: Dict[str, float] = {}
+    for thread in threading.enumerate():
+        try:
+            with open(f"/proc/self/task/{thread.native_id}/schedstat") as f:
+                value = int(f.read().split()[0]) / 1e9
+        except (OSError, ValueError):
+            continue
+        seconds[thread.name] = seconds.get(thread.name, 0.0) + value
+    return seconds
+
+
 # --- server -------------------------------------------------------------------------------------
 
 
 def serve(conn: Connection, argv: List[str], reader_end: socket.socket, pg_spool: str) -> None:
-    """The server under test: ``App`` on the seam's reader end; answers ``counters``/``stop``."""
+    """The server under test: ``App`` on the seam's reader end; answers ``counters``, ``cpu``
+    (user + system seconds of the whole process, exact rather than in clock ticks) and ``stop``."""
     from wiretap.app import App
     from wiretap.config import load_config
+    from wiretap.sources.netlink import open_link_socket
+    from wiretap.sources.socketcan import SocketCanSource
 
     config = load_config(argv, {})
     if config.postgres.enable:
         config = dataclasses.replace(
             config, postgres=dataclasses.replace(config.postgres, cache_path=pg_spool)
         )
-    app = App(config, {"can0": lambda: reader_end})
+    # Frames through the seam, but the interface learnt from the kernel as on a real bus (this
+    # host has no can0: the kernel's answer is "no such device", after the same round trip).
+    source = SocketCanSource("can0", 0, open_socket=lambda: reader_end, open_link=open_link_socket)
+    app = App(config, sources=[source])
     app.start()
     status_port = app.status.port if app.status is not None else None
     conn.send({"port": app.port, "start_ns": app.start_ns, "status_port": status_port})
@@ -92,6 +115,11 @@ def serve(conn: Connection, argv: List[str], reader_end: socket.socket, pg_spool
             counters = app.counters()
             counters["streaming"] = sum(client.streaming for client in app.hub.clients)
             conn.send(counters)
+        elif command == "cpu":
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            conn.send(usage.ru_utime + usage.ru_stime)
+        elif command == "thread_cpu":
+            conn.send(thread_cpu())
         elif command == "stop":
             app.stop()
             conn.send(app.counters())
@@ -155,6 +183,8 @@ class _Client:
         self.keepalive_sent: List[float] = []
         self.keepalive_rtt_ms: List[float] = []
         self.error = ""
+        self.hello_sent = 0.0
+        self.hello_ms: Optional[float] = None  # last handshake byte sent -> last reply decoded
 
 
 class ClientPool:
@@ -191,8 +221,10 @@ class ClientPool:
                 sock = socket.create_connection(("127.0.0.1", port), timeout=10)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
                 sock.sendall(SAVVYCAN_HELLO)
+                sent = time.monotonic()
                 sock.setblocking(False)
                 client = _Client(sock)
+                client.hello_sent = sent
                 self.clients.append(client)
                 self.selector.register(sock, selectors.EVENT_READ, client)
             self.conn.send(len(self.clients))
@@ -220,6 +252,7 @@ class ClientPool:
                             "order_errors": c.order_errors,
                             "latencies_us": c.latencies_us if command[1:] == (True,) else [],
                             "keepalive_rtt_ms": c.keepalive_rtt_ms,
+                            "hello_ms": c.hello_ms,
                             "error": c.error,
                         }
                         for c in self.clients
@@ -245,6 +278,8 @@ class ClientPool:
         self.next_keepalive = now + self.keepalive_interval
 
     def _receive(self, client: _Client) -> None:
+        if client.sock.fileno() == -1:
+            return  # closed by a "close" command handled earlier in the same select() round
         try:
             data = client.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
@@ -323,6 +358,8 @@ class ClientPool:
         if end > size:
             return None
         client.replies += 1
+        if client.replies == HELLO_REPLIES:
+            client.hello_ms = (time.monotonic() - client.hello_sent) * 1000
         if cmd == 0x09 and client.keepalive_sent:
             sent = client.keepalive_sent.pop(0)
             client.keepalive_rtt_ms.append((time.monotonic() - sent) * 1000)

@@ -8,6 +8,7 @@ bench/roles.py; the throw-away PostgreSQL comes from tests/pgcluster.py.
     python bench/run.py --quick         # smoke run (< 30 s): loss must be 0 at a modest rate
     python bench/run.py --no-pg --json figures.json
     python bench/run.py --status        # the status listener's cost: off beside on, a page open
+    python bench/run.py --low-rate      # only the low-rate section (about 2 minutes)
     python bench/run.py --savvycan      # a model SavvyCAN at 1x and 5x a saturated bus (~90 s)
 
 Rates are asked of the feeder; a phase passes when the feeder achieved at least 97 % of the asked
@@ -45,6 +46,12 @@ BUS_FPS = 8700  # a saturated 1 Mbit/s classic CAN bus with 8-byte frames
 ACHIEVED_FRACTION = 0.97
 DRAIN_IDLE_S = 2.0
 DB_BACKLOG_S = 0.5  # the database keeps pace if it is at most this far behind when feeding ends
+LOW_RATES = (100, 1_000, 10_000)
+LOW_RATE_SECONDS = {100: 10.0, 1_000: 6.0, 10_000: 4.0}  # enough frames for CPU per frame
+SAVVYCAN_KEEPALIVE_S = 0.25  # SavvyCAN's keepalive interval (tests/savvycan_model.py)
+LOW_RATE_CLIENTS = 2
+KEEPALIVE_SECONDS = 3.0
+IDLE_S = 5.0
 SERVER_ARGS = ["--host", "127.0.0.1", "--port", "0", "--stats-interval", "0", "--log-level"]
 # The throughput phases' clients do SavvyCAN's handshake but read like a fast program, not like
 # SavvyCAN: flow control (which would cap each at 60 KB per keepalive) is off for them. The
@@ -66,6 +73,7 @@ class Phase:
     server_drops: int = 0
     db_loss: Optional[int] = None
     db_backlog: Optional[int] = None  # frames the writer had yet to store when feeding ended
+    server_cpu_s: float = 0.0
     server_cpu_pct: float = 0.0
     feeder_cpu_pct: float = 0.0
     clients_cpu_pct: float = 0.0
@@ -75,6 +83,10 @@ class Phase:
     keepalive_p99_ms: Optional[float] = None
     keepalives: int = 0
     limit: str = ""  # for a max_fps phase: what went wrong one step faster
+
+    @property
+    def server_cpu_us_per_frame(self) -> float:
+        return 1e6 * self.server_cpu_s / self.fed if self.fed else 0.0
 
     @property
     def lossless(self) -> bool:
@@ -149,9 +161,17 @@ class Rig:
         self.server_conn.send("counters")
         return self.server_conn.recv()
 
+    def server_cpu(self) -> float:
+        """CPU seconds the server process has used so far (exact, not in clock ticks)."""
+        self.server_conn.send("cpu")
+        return self.server_conn.recv()
+
     def _clients(self, *command: object) -> object:
         self.clients_conn.send(command)
         return self.clients_conn.recv()
+
+    def report(self) -> dict:
+        return self._clients("report")
 
     def connect(self, count: int) -> None:
         """Connect ``count`` more clients; returns once the server streams to all of them."""
@@ -183,17 +203,18 @@ class Rig:
         phase = Phase(self.connected, asked_fps)
         self._clients("phase", self.next_seq, latency, keepalive_s)
         before = self.counters()
-        server_cpu = roles.cpu_seconds(self.server.pid)
+        server_cpu = self.server_cpu()
         clients_cpu = roles.cpu_seconds(self.client_pool.pid)
         self.feeder_conn.send((count, asked_fps))
         while not self.feeder_conn.poll(1.0):
             if every_second:
                 every_second()
         phase.fed, elapsed, feeder_cpu, _behind = self.feeder_conn.recv()
+        phase.server_cpu_s = self.server_cpu() - server_cpu
         self.next_seq += phase.fed
         phase.achieved_fps = phase.fed / elapsed
         phase.feeder_cpu_pct = 100 * feeder_cpu / elapsed
-        phase.server_cpu_pct = 100 * (roles.cpu_seconds(self.server.pid) - server_cpu) / elapsed
+        phase.server_cpu_pct = 100 * phase.server_cpu_s / elapsed
         phase.clients_cpu_pct = (
             100 * (roles.cpu_seconds(self.client_pool.pid) - clients_cpu) / elapsed
         )
@@ -436,6 +457,117 @@ def run_quick(args: argparse.Namespace, work: Path) -> Dict[str, object]:
     }
 
 
+def run_low_rate(args: argparse.Namespace, work: Path) -> Dict[str, object]:
+    """A quiet bus, twice: with clients that read like a fast program (flow control off, as in
+    the throughput phases), and as SavvyCAN is served (flow control as shipped, a keepalive every
+    250 ms). Each time: the first handshake reply of a fresh server, the server's CPU when
+    nothing happens, then at each of ``LOW_RATES`` frame latency, keepalive round trip and server
+    CPU per frame (10,000 fps is there to compare CPU per frame with)."""
+    figures: Dict[str, object] = {}
+    for prefix, extra, keepalive_s in (
+        ("", [], 0.0),
+        ("savvycan_", ["--gvret-flow-control", "auto"], SAVVYCAN_KEEPALIVE_S),
+    ):
+        figures.update(_low_rate(args, work, prefix, extra, keepalive_s))
+    return figures
+
+
+def _low_rate(
+    args: argparse.Namespace, work: Path, prefix: str, extra: List[str], keepalive_s: float
+) -> Dict[str, object]:
+    figures: Dict[str, object] = {}
+    rig = Rig(extra, args.log_level, str(work / "spool.db"))
+    try:
+        rig.connect(1)
+        figures[prefix + "first_reply_ms"] = rig.report()["clients"][0]["hello_ms"]
+        rig.connect(LOW_RATE_CLIENTS - 1)
+        figures[prefix + "later_reply_ms"] = rig.report()["clients"][-1]["hello_ms"]
+        _log(
+            f"{prefix}handshake: first {figures[prefix + 'first_reply_ms']:.2f} ms, "
+            f"later {figures[prefix + 'later_reply_ms']:.2f} ms"
+        )
+        cpu, start = rig.server_cpu(), time.perf_counter()
+        time.sleep(IDLE_S)
+        figures[prefix + "idle_cpu_pct"] = (
+            100 * (rig.server_cpu() - cpu) / (time.perf_counter() - start)
+        )
+        for rate in LOW_RATES:
+            runs = []
+            for _ in range(args.repeats):
+                count = int(rate * LOW_RATE_SECONDS[rate])
+                lat = rig.feed(rate, count, latency=True, keepalive_s=keepalive_s)
+                # Without SavvyCAN's keepalives, the round trip is measured in a phase of its own.
+                alive = lat
+                if not keepalive_s:
+                    alive = rig.feed(rate, int(rate * KEEPALIVE_SECONDS), keepalive_s=0.02)
+                run = {
+                    "lat_p50_ms": lat.lat_p50_ms,
+                    "lat_p99_ms": lat.lat_p99_ms,
+                    "keepalive_p50_ms": alive.keepalive_p50_ms,
+                    "keepalive_p99_ms": alive.keepalive_p99_ms,
+                    "cpu_us_per_frame": lat.server_cpu_us_per_frame,
+                    "cpu_pct": lat.server_cpu_pct,
+                    "lossless": lat.lossless and alive.lossless,
+                    "achieved_fps": lat.achieved_fps,
+                }
+                runs.append(run)
+                _log(
+                    f"{prefix}low rate {rate}: {_show(lat)} lat p50 {_ms(lat.lat_p50_ms)} "
+                    f"p99 {_ms(lat.lat_p99_ms)} keepalive p50 {_ms(alive.keepalive_p50_ms)} "
+                    f"p99 {_ms(alive.keepalive_p99_ms)} cpu/frame "
+                    f"{lat.server_cpu_us_per_frame:.1f} us"
+                )
+            runs.sort(key=lambda run: run["lat_p50_ms"] or 0.0)
+            figures[f"{prefix}low_rate_{rate}"] = runs[len(runs) // 2] | {"runs": runs}
+    finally:
+        rig.close()
+    return figures
+
+
+def low_rate_rows(figures: Dict[str, object]) -> List[tuple]:
+    rows: List[tuple] = []
+    for prefix, who in (
+        ("", "flow control off"),
+        ("savvycan_", "as SavvyCAN is served: flow control, keepalive every 250 ms"),
+    ):
+        if prefix + "first_reply_ms" not in figures:
+            continue
+        rows += [
+            (f"**{LOW_RATE_CLIENTS} clients, {who}**", "", ""),
+            (
+                "first handshake reply (fresh server) / later",
+                f"{figures[prefix + 'first_reply_ms']:.2f} / "
+                f"{figures[prefix + 'later_reply_ms']:.2f} ms",
+                "≤ 10 ms",
+            ),
+            ("server CPU with nothing to do", f"{figures[prefix + 'idle_cpu_pct']:.2f} %", ""),
+        ]
+        for rate in LOW_RATES:
+            run = figures[f"{prefix}low_rate_{rate}"]
+            spread = ", ".join(f"{r['lat_p50_ms']:.2f}" for r in run["runs"])
+            rows += [
+                (
+                    f"lat_p50_ms / lat_p99_ms at {rate:,} fps",
+                    f"{_ms2(run['lat_p50_ms'])} / {_ms2(run['lat_p99_ms'])} (p50 of each run: "
+                    f"{spread})",
+                    "p50 ≤ 0.5" if rate < 10_000 else "",
+                ),
+                (
+                    f"keepalive_p50_ms / p99 at {rate:,} fps",
+                    f"{_ms2(run['keepalive_p50_ms'])} / {_ms2(run['keepalive_p99_ms'])}",
+                    "",
+                ),
+                (
+                    f"server CPU per frame at {rate:,} fps",
+                    f"{run['cpu_us_per_frame']:.1f} µs ({run['cpu_pct']:.1f} % of a core; runs: "
+                    + ", ".join(f"{r['cpu_us_per_frame']:.1f}" for r in run["runs"])
+                    + ")",
+                    "≤ the 10,000 fps figure" if rate < 10_000 else "",
+                ),
+            ]
+    return rows
+
+
 def run_full(args: argparse.Namespace, work: Path) -> Dict[str, object]:
     figures: Dict[str, object] = {"mode": "full", "phases": {}}
     phases = figures["phases"]
@@ -485,6 +617,7 @@ def run_full(args: argparse.Namespace, work: Path) -> Dict[str, object]:
             figures["memory"] = measure_memory(rig, 10_000, args.memory_seconds)
     finally:
         rig.close()
+    figures.update(run_low_rate(args, work))
     if args.pg:
         figures.update(run_pg(args, work))
     return figures
@@ -674,12 +807,18 @@ def _ms(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def _ms2(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def table(figures: Dict[str, object]) -> str:
     """The figures as one Markdown table."""
     if figures["mode"] == "savvycan":
         return _savvycan_table(figures)
     rows = [("figure", "measured", "target")]
-    if figures["mode"] == "quick":
+    if figures["mode"] == "low-rate":
+        rows += low_rate_rows(figures)
+    elif figures["mode"] == "quick":
         rows += [
             (
                 "fed / clients",
@@ -777,6 +916,7 @@ def table(figures: Dict[str, object]) -> str:
                     "> 10",
                 )
             )
+        rows += low_rate_rows(figures)
     info = figures["machine"]
     lines = [
         f"machine: {info['cores']} cores, {info['cpu']}, Python {info['python']}, "
@@ -827,6 +967,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         "--status",
         action="store_true",
         help="only the status listener's cost: max_fps and CPU with it off and on, a page open",
+    )
+    parser.add_argument(
+        "--low-rate", action="store_true", help="only the low-rate section (about 2 minutes)"
     )
     parser.add_argument(
         "--vcan",
@@ -882,6 +1025,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             figures.update(run_savvycan(args, Path(work)))
         elif args.quick:
             figures.update(run_quick(args, Path(work)))
+        elif args.low_rate:
+            figures.update({"mode": "low-rate"}, **run_low_rate(args, Path(work)))
         else:
             figures.update(run_full(args, Path(work)))
     print(status_table(figures) if args.status else table(figures))

@@ -7,7 +7,7 @@ from typing import List
 
 from harness import wait_until
 
-from wiretap.broker import Broker, Mailbox
+from wiretap.broker import BUSY_FRAMES, Broker, Mailbox
 from wiretap.frames import Frame, make_frame
 
 
@@ -47,15 +47,97 @@ def test_a_full_broker_drops_whole_batches_and_counts_them():
     stuck = Recorder(gate)
     broker.register(stuck)
     broker.start()
-    broker.publish(batch(0, 10))  # taken by the dispatcher, which then blocks in deliver
+    # 10 frames at once is a busy bus: queued, taken by the dispatcher, which then blocks in
+    # deliver. They count against the bound until delivered.
+    broker.publish(batch(0, 10))
     wait_until(lambda: broker.frames_in == 10)
     for start in range(10, 200, 10):
         broker.publish(batch(start, 10))
-    assert broker.overflow.total == 90
+    assert broker.overflow.total == 100
     gate.set()
     broker.stop()
-    assert len(stuck.frames) == 110
-    assert broker.frames_in == 110
+    assert len(stuck.frames) == 100
+    assert broker.frames_in == 100
+
+
+class FrozenClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ThreadRecorder(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: List[tuple] = []
+
+    def deliver(self, frames) -> None:
+        self.calls.append((threading.current_thread().name, len(frames)))
+        super().deliver(frames)
+
+
+def test_on_a_quiet_bus_a_frame_is_delivered_before_publish_returns():
+    clock = FrozenClock()
+    broker = Broker(clock=clock)
+    recorder = ThreadRecorder()
+    broker.register(recorder)
+    broker.start()
+    for number in range(5):
+        clock.now += 0.01  # 100 frames/s
+        broker.publish(batch(number, 1))
+        # No thread hop: the publisher itself handed the frame over.
+        assert recorder.calls[-1] == (threading.current_thread().name, 1)
+    broker.stop()
+    assert [f.data for f in recorder.frames] == [i.to_bytes(4, "little") for i in range(5)]
+    assert broker.frames_in == 5
+
+
+def test_a_busy_bus_is_coalesced_by_the_dispatcher_and_stays_in_order():
+    clock = FrozenClock()  # every batch lands in one window: as busy as a bus gets
+    broker = Broker(clock=clock)
+    recorder = ThreadRecorder()
+    broker.register(recorder)
+    broker.start()
+    for start in range(0, 400):
+        broker.publish(batch(start, 1))
+    broker.stop()
+    assert [f.data for f in recorder.frames] == [i.to_bytes(4, "little") for i in range(400)]
+    # The first BUSY_FRAMES - 1 frames went out at once; the rest by the dispatcher, in batches.
+    main = threading.current_thread().name
+    assert recorder.calls[: BUSY_FRAMES - 1] == [(main, 1)] * (BUSY_FRAMES - 1)
+    later = recorder.calls[BUSY_FRAMES - 1 :]
+    assert {name for name, _ in later} == {"dispatcher"}
+    assert len(later) < 400 - (BUSY_FRAMES - 1)
+
+
+class DispatcherBlocker:
+    def __init__(self, gate: threading.Event) -> None:
+        self.gate = gate
+
+    def deliver(self, frames) -> None:
+        if threading.current_thread().name == "dispatcher":
+            self.gate.wait()
+
+
+def test_a_quiet_frame_does_not_overtake_queued_ones():
+    clock = FrozenClock()
+    gate = threading.Event()
+    broker = Broker(clock=clock)
+    recorder = ThreadRecorder()
+    broker.register(recorder)
+    broker.register(DispatcherBlocker(gate))
+    broker.start()
+    # Busy: queued for the dispatcher, which blocks in the second consumer.
+    for start in range(0, 20):
+        broker.publish(batch(start, 1))
+    wait_until(lambda: len(recorder.calls) > BUSY_FRAMES - 1, what="the dispatcher delivering")
+    clock.now += 1.0  # the bus falls quiet while the dispatcher still holds queued frames
+    broker.publish(batch(20, 1))
+    gate.set()
+    broker.stop()
+    assert [f.data for f in recorder.frames] == [i.to_bytes(4, "little") for i in range(21)]
 
 
 def test_a_failing_consumer_does_not_stop_the_others(caplog):

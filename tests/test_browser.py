@@ -65,8 +65,8 @@ def test_page_shows_both_demo_buses_with_their_rates_in_chromium(tmp_path: Path)
     )  # fmt: skip
     client = None
     try:
-        gvret_port = server.wait_listening()
-        port = int(server.wait_line(r"status page on http://127\.0\.0\.1:(\d+)/").group(1))
+        gvret_port = int(server.wait_line(r"listening on [^ ]+:(\d+) ", timeout=120).group(1))
+        port = int(server.wait_line(r"status page on http://127\.0\.0\.1:(\d+)/", 120).group(1))
         url = f"http://127.0.0.1:{port}/"
         client = GvretClient(gvret_port, hello=SAVVYCAN_HELLO)
 

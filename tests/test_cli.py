@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import shutil
 import subprocess
@@ -185,3 +187,21 @@ def test_a_copy_without_git_or_commit_file_says_unknown(tmp_path: Path) -> None:
     (copy / "wiretap" / "BUILD_COMMIT").write_text("feedc0ffee12\n")
     result = run([sys.executable, str(copy / "wiretap-server.py"), "--version"], tmp_path, {})
     assert result.stdout == f"wiretap-server {wiretap.__version__} (commit feedc0ffee12)\n"
+
+
+def test_a_record_logged_after_main_returned_goes_to_the_stderr_of_that_moment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The log queue writes records that come after the shutdown (a client's handler finishing
+    # late) straight to stderr; an in-process caller may have closed the stderr main() saw.
+    monkeypatch.delenv("PG_DSN", raising=False)
+    stderr_then, stderr_now = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    monkeypatch.setattr(sys, "stderr", stderr_then)
+    assert main(["--port", "0", "--check-config"]) == 0
+    stderr_then.close()
+    monkeypatch.setattr(sys, "stderr", stderr_now)
+    logging.getLogger("wiretap.test").warning("client 127.0.0.1:1: disconnected late")
+    written = stderr_now.getvalue()
+    assert written.endswith(" WARNING wiretap.test: client 127.0.0.1:1: disconnected late\n")
+    assert "Logging error" not in written

@@ -6,12 +6,14 @@ import logging
 import random
 import socket
 import struct
+import threading
 import time
 
 from gvret_client import SAVVYCAN_HELLO, GvretClient
 from harness import wait_until
 
 from wiretap.frames import CAN_FRAME, CANFD_FRAME, make_frame
+from wiretap.server import QUIET_WRITE_BYTES, Outbox
 
 EXAMPLE_REPLIES = {
     0x0C: bytes.fromhex("02"),
@@ -369,6 +371,66 @@ def test_refused_transmits_count_in_tx_fail(harness, bus_factory):
     assert app.counters()["tx_fail"] == 4
 
 
+def tcp_pair():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname(), timeout=10)
+        server_side, _ = listener.accept()
+    return server_side, client
+
+
+def test_an_idle_outbox_is_written_at_once_and_a_cut_write_is_finished_first():
+    server_side, client = tcp_pair()
+    server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    server_side.setblocking(False)
+    outbox = Outbox("test", send_now=server_side.send)
+    keepalive_reply = b"\xf1\x09\xde\xad"
+    record = bytes(range(20))
+    # Idle: written by the caller at once, nothing left for a writer thread.
+    outbox.put_reply(keepalive_reply)
+    outbox.put_frames(record, 1)
+    received = b""
+    while len(received) < 24:
+        received += client.recv(100)
+    assert received == keepalive_reply + record
+    assert outbox.take(timeout=0) == (None, False)
+    # The client stops reading: at last a write does not go through whole (or at all).
+    chunks = []
+    while True:
+        chunks.append(bytes([len(chunks) % 251]) * QUIET_WRITE_BYTES)
+        outbox.put_frames(chunks[-1], 1)
+        rest, _ = outbox.take(timeout=0)
+        if rest is not None:
+            break
+    assert chunks[-1].endswith(rest)
+    outbox.put_reply(keepalive_reply)  # queued: the cut write owns the socket
+    collected = []
+    reader = threading.Thread(target=lambda: collected.append(read_to_end(client)))
+    reader.start()
+    writer = server_side.dup()
+    writer.settimeout(10)
+    writer.sendall(rest)
+    outbox.written()
+    assert outbox.take(timeout=0) == (keepalive_reply, False)
+    writer.sendall(keepalive_reply)
+    outbox.written()
+    writer.close()
+    server_side.close()
+    reader.join(10)
+    # The rest of the cut frame data went before the reply: the stream never breaks a message.
+    assert collected == [b"".join(chunks) + keepalive_reply]
+    client.close()
+
+
+def read_to_end(sock: socket.socket) -> bytes:
+    parts = []
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return b"".join(parts)
+        parts.append(data)
+
+
 def test_dialect_does_not_depend_on_how_tcp_splits_the_handshake(harness, bus_factory, caplog):
     can0 = bus_factory()
     app = harness.start("--iface", "can0", "--can-fd", buses={"can0": can0})
@@ -467,3 +529,31 @@ def test_extended_buses_reply_describes_the_third_bus(harness, bus_factory):
     buses["can0"].send(make_frame(0, 0x200, b"\x00"))
     assert [(f.bus, f.can_id) for f in client.wait_frames(1)] == [(0, 0x200)]
     assert app.hub.clients[0].fd_skipped == 0
+
+
+def test_a_paced_client_gets_a_quiet_bus_at_once_and_only_bigger_writes_wait():
+    server_side, client = tcp_pair()
+    server_side.setblocking(False)
+    outbox = Outbox("test", send_now=server_side.send)
+    record = bytes(range(20))
+    interval = 3600.0  # a pacing interval no test outlives: whatever waits for it, waits
+    for _ in range(3):
+        outbox.put_frames(record, 1)
+    assert outbox.take(timeout=0, paced=True) == (None, False)  # all three went out at once
+    bigger = bytes([7]) * (QUIET_WRITE_BYTES + 20)
+    outbox.put_frames(bigger, 1)  # for the writer thread, not at once
+    data, frames = outbox.take(timeout=0, paced=True)
+    assert (data, frames) == (bigger, True)  # no interval yet: it goes
+    server_side.sendall(data)
+    outbox.written(time.monotonic() + interval)
+    outbox.put_frames(record, 1)  # quiet: at once, though the interval has not passed
+    assert outbox.take(timeout=0, paced=True) == (None, False)
+    outbox.put_frames(bigger, 1)
+    assert outbox.take(timeout=0, paced=True) == (None, False)  # this one waits for it
+    expected = record * 3 + bigger + record
+    received = b""
+    while len(received) < len(expected):
+        received += client.recv(4096)
+    assert received == expected
+    client.close()
+    server_side.close()

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import shutil
 import socket
 import struct
+import subprocess
 import threading
 import time
 from typing import List
 
 import pytest
+from gvret_client import SAVVYCAN_HELLO, GvretClient
 from harness import wait_until
+from test_netlink import can_link
 
+from wiretap.app import App
+from wiretap.config import load_config
 from wiretap.frames import CAN_ERR_BUSOFF, CAN_ERR_FLAG, CAN_FRAME, TX, Frame, make_frame
-from wiretap.sources import TransmitResult
+from wiretap.sources import BusInfo, TransmitResult
 from wiretap.sources.socketcan import (
     MSG_CONFIRM,
     MSG_DONTROUTE,
@@ -243,6 +249,105 @@ def test_error_passive_and_recovery_are_logged_once_each(bus_factory, caplog):
     assert source.error_frames == 4
 
 
+# --- what is known of the interface (rtnetlink through a seam) -----------------------------
+
+
+def link_seam():
+    """``(kernel end, source end)``: the test plays the kernel's side of an rtnetlink socket."""
+    kernel_end, source_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    kernel_end.settimeout(10)
+    return kernel_end, source_end
+
+
+def assert_getlink_request(data: bytes, ifname: str) -> None:
+    length, kind, flags = struct.unpack_from("=IHH", data)
+    assert (length, kind, flags) == (len(data), 18, 1)  # RTM_GETLINK, NLM_F_REQUEST
+    assert ifname.encode() + b"\0" in data
+
+
+def test_bus_info_is_what_the_kernel_said_at_start_then_at_each_change(bus_factory):
+    bus = bus_factory()
+    kernel, source_end = link_seam()
+    kernel.send(can_link("can0", bitrate=250_000, listen_only=True))
+    source = SocketCanSource(
+        "can0", 0, open_socket=lambda: bus.reader_end, open_link=lambda: source_end
+    )
+    started(source)
+    try:
+        assert_getlink_request(kernel.recv(256), "can0")
+        # Known before start() returned: the first client's F1 06 has it.
+        assert source.bus_info(0) == BusInfo(True, True, 250_000, state="error-active")
+        kernel.send(can_link("can0", bitrate=125_000, state=2, berr=(128, 3)))
+        wait_until(lambda: source.bus_info(0).bitrate == 125_000, what="the change")
+        assert source.bus_info(0) == BusInfo(True, False, 125_000, "error-passive", 128, 3)
+        kernel.send(can_link("can1", bitrate=1_000_000))  # another interface's change
+        kernel.send(can_link("can0", bitrate=500_000))
+        wait_until(lambda: source.bus_info(0).bitrate == 500_000, what="the second change")
+        assert source.link.name == "can0"
+        # A controller state change that the kernel does not announce: the reader asks.
+        bus.send_raw(CAN_FRAME.pack(CAN_ERR_FLAG | CAN_ERR_BUSOFF, 8, 0, bytes(8)))
+        assert_getlink_request(kernel.recv(256), "can0")
+    finally:
+        source.stop()
+        source.join(10)
+    assert not source._thread.is_alive()  # woken at once by stop(): it has no poll timeout
+
+
+def test_a_kernel_that_gives_no_bitrate_is_reported_as_500000_and_logged_once(bus_factory, caplog):
+    bus = bus_factory()
+    kernel, source_end = link_seam()
+    kernel.send(can_link("can0", bitrate=0))
+    source = SocketCanSource(
+        "can0", 0, open_socket=lambda: bus.reader_end, open_link=lambda: source_end
+    )
+    with caplog.at_level(logging.INFO, logger="wiretap.socketcan"):
+        started(source)
+        try:
+            kernel.send(can_link("can0", bitrate=0, state=1))
+            wait_until(lambda: source.bus_info(0).state == "error-warning")
+        finally:
+            source.stop()
+            source.join(10)
+    assert source.bus_info(0).bitrate == 500_000
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("reports no bit rate, reporting 500000" in m for m in messages) == 1
+
+
+def test_no_client_reply_waits_on_a_subprocess(bus_factory, monkeypatch):
+    spawned = []
+
+    def no_subprocess(*args, **kwargs):
+        spawned.append(args)
+        raise AssertionError("a subprocess on the way to a reply")
+
+    monkeypatch.setattr(subprocess, "Popen", no_subprocess)
+    monkeypatch.setattr(os, "posix_spawn", no_subprocess)
+    monkeypatch.setattr(os, "fork", no_subprocess)
+    monkeypatch.setenv("PATH", "/nonexistent")  # and no `ip` to be found either
+    bus = bus_factory()
+    kernel, source_end = link_seam()
+    kernel.send(can_link("can0", bitrate=250_000, listen_only=True))
+    source = SocketCanSource(
+        "can0", 0, open_socket=lambda: bus.reader_end, open_link=lambda: source_end
+    )
+    config = load_config(["--host", "127.0.0.1", "--port", "0", "--stats-interval", "0"], {})
+    app = App(config, sources=[source])
+    app.start()
+    client = GvretClient(app.port, SAVVYCAN_HELLO)
+    try:
+        client.wait_reply(0x09)
+        # Bus 0: enabled + listen-only, 250,000 bit/s; bus 1: not there.
+        assert client.wait_reply(0x06)[0].payload == bytes.fromhex("11 90D00300 00 00000000")
+        kernel.send(can_link("can0", bitrate=500_000))
+        wait_until(lambda: source.bus_info(0).bitrate == 500_000, what="the change")
+        client.send(b"\xf1\x06")
+        assert client.wait_reply(0x06, 2)[1].payload == bytes.fromhex("01 20A10700 00 00000000")
+    finally:
+        client.close()
+        app.stop()
+    assert spawned == []
+
+
 @pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2's ip")
 def test_setting_a_bitrate_says_what_ip_link_refused() -> None:
     with pytest.raises(RuntimeError, match=r"ip link set dev nosuchcan9 down: .+"):
@@ -343,3 +448,33 @@ def test_a_flapping_bus_logs_each_state_once_per_interval(bus_factory, caplog):
     ]
     assert source.error_frames == 100
     assert source._state_log.suppressed_total == 98
+
+
+@pytest.mark.parametrize("broken", ["while reading", "before the first read"])
+def test_losing_the_kernels_news_keeps_the_last_values_and_the_frames(bus_factory, caplog, broken):
+    bus = bus_factory()
+    kernel, source_end = link_seam()
+    kernel.send(can_link("can0", bitrate=250_000))
+
+    def open_socket() -> socket.socket:
+        if broken == "before the first read":
+            wait_until(lambda: source.bus_info(0).bitrate == 250_000, what="the link learnt")
+            source_end.close()
+        return bus.reader_end
+
+    source = SocketCanSource("can0", 0, open_socket=open_socket, open_link=lambda: source_end)
+    with caplog.at_level(logging.WARNING, logger="wiretap.socketcan"):
+        collector = started(source)
+        try:
+            if broken == "while reading":
+                source_end.close()  # the rtnetlink socket breaks (EBADF at the next read)
+            for i in range(3):
+                bus.send(make_frame(0, 0x100, bytes([i])))
+            wait_until(lambda: len(collector.frames) == 3, what="frames after the break")
+        finally:
+            source.stop()
+            source.join(10)
+    assert source.bus_info(0).bitrate == 250_000
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("no more news of the interface from the kernel" in m for m in messages) == 1
+    assert not any("reader failed" in m for m in messages)

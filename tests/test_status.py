@@ -11,7 +11,7 @@ from typing import Dict, List, Tuple
 import pytest
 from gvret_client import SAVVYCAN_HELLO, GvretClient
 from harness import wait_until
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from wiretap.frames import CAN_ERR_BUSOFF, CAN_ERR_CRTL, CAN_ERR_FLAG, CAN_FRAME, make_frame
@@ -83,6 +83,7 @@ frame_shapes = st.builds(
 )  # fmt: skip
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.lists(st.lists(frame_shapes, max_size=40), max_size=6))
 def test_bus_meter_sums_exactly_what_frame_bits_says_per_frame(batches) -> None:
     meter = BusMeter()

@@ -21,6 +21,7 @@ from wiretap.frames import Frame
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_LOG = ROOT / "examples" / "demo.log"
+START_TIMEOUT_S = 120  # a loaded box, or an emulated ARM userland, starts Python slowly
 
 
 class FakeSystemd:
@@ -30,7 +31,7 @@ class FakeSystemd:
     def __init__(self, address: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(address.replace("@", "\0", 1) if address.startswith("@") else address)
-        self.sock.settimeout(30)
+        self.sock.settimeout(START_TIMEOUT_S)
         self.env = address
 
     def receive(self) -> dict:
@@ -99,7 +100,7 @@ def test_real_server_is_ready_once_listening_then_feeds_the_watchdog_and_says_st
         port = int(re.fullmatch(r"listening on 127\.0\.0\.1:(\d+)", first["STATUS"]).group(1))
         # READY=1 means it: the GVRET port accepts a client at this moment.
         socket.create_connection(("127.0.0.1", port), timeout=10).close()
-        assert server.wait_listening() == port
+        assert int(server.wait_line(r"listening on [^ ]+:(\d+) ", START_TIMEOUT_S)[1]) == port
         fed = [m for m in fake_systemd.receive_until("WATCHDOG") if "WATCHDOG" in m]
         fed += [m for m in fake_systemd.receive_until("WATCHDOG") if "WATCHDOG" in m]
         assert [m["WATCHDOG"] for m in fed] == ["1", "1"]
@@ -119,7 +120,7 @@ def test_real_server_is_ready_once_listening_then_feeds_the_watchdog_and_says_st
 def test_first_log_line_names_version_and_commit() -> None:
     server = ServerProcess("--iface", f"replay:{DEMO_LOG}", "--port", "0")
     try:
-        server.wait_listening()
+        server.wait_line(r"listening on ", timeout=START_TIMEOUT_S)
         assert server.lines[0].endswith(f" INFO wiretap: {buildinfo.describe()} starting")
     finally:
         server.kill()

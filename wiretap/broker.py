@@ -7,10 +7,13 @@ per-consumer buffer with its drop counter and rate-limited "not keeping up" log 
 ``deliver`` must never block: whatever it cannot take it drops and counts, so one slow consumer
 costs frames for itself only.
 
-When the buses are quiet the dispatcher waits 2 ms after a small batch and hands the consumers
-everything that arrived meanwhile as one batch (up to ``MAX_DELIVERY`` frames): per-batch work
-(a wake-up per consumer, one encode and one ``send`` per client) is what a busy server spends its
-CPU on at modest rates.
+Batching only when there is a batch: on a quiet bus (fewer than ``BUSY_FRAMES`` frames in the
+last ``COALESCE_S``) the reader that publishes a batch hands it to the consumers itself, at once,
+with no thread hop; a client then usually gets it written straight to its socket. When the buses
+are busy, batches go through the queue: the dispatcher waits ``COALESCE_S`` after a small batch
+and hands the consumers everything that arrived meanwhile as one batch (up to ``MAX_DELIVERY``
+frames), since per-batch work (a wake-up per consumer, one encode and one ``send`` per client) is
+what a busy server spends its CPU on. Either way one delivery runs at a time, in order.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Deque, List, Protocol, Sequence
+from typing import Callable, Deque, List, Protocol, Sequence
 
 from .frames import Frame
 
@@ -29,6 +32,8 @@ log = logging.getLogger("wiretap.broker")
 DROP_LOG_INTERVAL_S = 10.0
 COALESCE_S = 0.002
 COALESCE_BELOW = 64  # a batch this small waits COALESCE_S for the next reads to join it
+# Busy: this many frames within COALESCE_S (4,000 frames/s). Below it a frame goes out at once.
+BUSY_FRAMES = 8
 MAX_DELIVERY = 2048  # frames per delivery: well inside a client's outbox (~13,000 frames)
 # Frames read but not yet dispatched, at most: ~28 s of a saturated 1 Mbit/s bus, ~50 MB. Only a
 # dispatcher that stopped keeping up (a consumer breaking the never-block rule) gets near it.
@@ -39,7 +44,8 @@ HEARTBEAT_S = 0.5
 
 
 class Consumer(Protocol):
-    """Anything the dispatcher hands batches to. ``deliver`` must return at once."""
+    """Anything the broker hands batches to. ``deliver`` must return at once; it is called by
+    one thread at a time (the dispatcher, or on a quiet bus the reader that published)."""
 
     def deliver(self, frames: Sequence[Frame]) -> None: ...
 
@@ -105,13 +111,25 @@ class Mailbox:
 
 
 class Broker:
-    """Sources ``publish`` batches; the dispatcher thread offers each batch to every consumer."""
+    """Sources ``publish`` batches; each batch is offered to every consumer, at once on a quiet
+    bus, else by the dispatcher thread, coalesced."""
 
-    def __init__(self, max_queued_frames: int = MAX_QUEUED_FRAMES) -> None:
+    def __init__(
+        self,
+        max_queued_frames: int = MAX_QUEUED_FRAMES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._queue: queue.Queue[List[Frame] | None] = queue.Queue()
         self.max_queued_frames = max_queued_frames
         self._queued_frames = 0
+        self._queued_batches = 0  # published through the queue and not yet delivered
         self._queued_lock = threading.Lock()
+        self._delivering = threading.Lock()
+        self._clock = clock
+        self._window_start = float("-inf")
+        self._window_frames = 0
+        self._previous_window_frames = 0
+        self._busy_now = False
         self._consumers: List[Consumer] = []
         self._consumers_lock = threading.Lock()
         self._thread = threading.Thread(target=self._dispatch, name="dispatcher", daemon=True)
@@ -129,20 +147,44 @@ class Broker:
             self._consumers = self._consumers + [consumer]
 
     def publish(self, frames: List[Frame]) -> None:
-        """Hand a batch over; called from reader threads, never blocks: beyond
+        """Hand a batch over; called from reader threads. On a quiet bus the consumers get it
+        before this returns; otherwise it is queued, never blocking: beyond
         ``max_queued_frames`` waiting, the batch is dropped and counted (``overflow``)."""
         if not frames:
             return
+        if not self._busy(len(frames)) and self._delivering.acquire(blocking=False):
+            try:
+                # Nothing queued may still be waiting, or this batch would overtake it.
+                if not self._queued_batches:
+                    self._deliver(frames)
+                    return
+            finally:
+                self._delivering.release()
         with self._queued_lock:
             if self._queued_frames + len(frames) > self.max_queued_frames:
                 full = True
             else:
                 full = False
                 self._queued_frames += len(frames)
+                self._queued_batches += 1
         if full:
             self.overflow.add(len(frames))
         else:
             self._queue.put_nowait(frames)
+
+    def _busy(self, count: int) -> bool:
+        """Count ``count`` frames into the current ``COALESCE_S`` window; True while this window
+        or the one before holds ``BUSY_FRAMES`` or more. Readers may race on these counters:
+        an estimate is all the choice between at once and coalesced needs."""
+        now = self._clock()
+        elapsed = now - self._window_start
+        if elapsed >= COALESCE_S:
+            self._previous_window_frames = self._window_frames if elapsed < 2 * COALESCE_S else 0
+            self._window_start = now
+            self._window_frames = 0
+        self._window_frames += count
+        self._busy_now = max(self._window_frames, self._previous_window_frames) >= BUSY_FRAMES
+        return self._busy_now
 
     def start(self) -> None:
         self._thread.start()
@@ -165,11 +207,13 @@ class Broker:
                 continue
             if frames is None:
                 return
-            if len(frames) < COALESCE_BELOW:
-                # A quiet moment: let a few more reads arrive so that each consumer wakes (and
-                # each client is written to) once per few ms, not once per frame.
+            if len(frames) < COALESCE_BELOW and self._busy_now:
+                # Busy, but a small batch: let a few more reads arrive so that each consumer
+                # wakes (and each client is written to) once per few ms, not once per frame.
+                # (On a quiet bus a batch is queued only when another reader was delivering.)
                 time.sleep(COALESCE_S)
             merged = None
+            batches = 1
             while len(frames) < MAX_DELIVERY:
                 try:
                     more = get_nowait()
@@ -181,11 +225,17 @@ class Broker:
                 if merged is None:
                     merged = frames = list(frames)
                 merged.extend(more)
-            with self._queued_lock:
-                self._queued_frames -= len(frames)
-            self.frames_in += len(frames)
-            for consumer in self._consumers:
-                try:
-                    consumer.deliver(frames)
-                except Exception:
-                    log.exception("consumer %r failed to take a batch", consumer)
+                batches += 1
+            with self._delivering:
+                self._deliver(frames)
+                with self._queued_lock:
+                    self._queued_frames -= len(frames)
+                    self._queued_batches -= batches
+
+    def _deliver(self, frames: Sequence[Frame]) -> None:
+        self.frames_in += len(frames)
+        for consumer in self._consumers:
+            try:
+                consumer.deliver(frames)
+            except Exception:
+                log.exception("consumer %r failed to take a batch", consumer)

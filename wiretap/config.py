@@ -127,6 +127,17 @@ class _Invalid(ValueError):
 Convert = Callable[[Any, bool], Any]
 
 
+def _accepts(description: str) -> Callable[[Convert], Convert]:
+    """Label a converter with what it accepts, in words, for the configuration reference."""
+
+    def label(convert: Convert) -> Convert:
+        convert.accepts = description  # type: ignore[attr-defined]
+        return convert
+
+    return label
+
+
+@_accepts("`true` or `false`")
 def _boolean(value: Any, textual: bool) -> bool:
     if not isinstance(value, bool):
         raise _Invalid("expected true or false")
@@ -143,6 +154,7 @@ def _check_range(value: float, low: float, high: Optional[float], low_allowed: b
 
 
 def _integer(low: int, high: Optional[int] = None) -> Convert:
+    @_accepts(f"integer, {low}–{high}" if high is not None else f"integer ≥ {low}")
     def convert(value: Any, textual: bool) -> int:
         if textual:
             try:
@@ -158,6 +170,7 @@ def _integer(low: int, high: Optional[int] = None) -> Convert:
 
 
 def _number(low: float, low_allowed: bool) -> Convert:
+    @_accepts(f"number {'≥' if low_allowed else '>'} {low:g}")
     def convert(value: Any, textual: bool) -> float:
         if textual:
             try:
@@ -177,6 +190,7 @@ def _number(low: float, low_allowed: bool) -> Convert:
 def _choice(*options: str, fold_case: bool = False) -> Convert:
     wanted = "expected one of " + ", ".join(options)
 
+    @_accepts(", ".join(f"`{option}`" for option in options) + (", any case" if fold_case else ""))
     def convert(value: Any, textual: bool) -> str:
         if not isinstance(value, str):
             raise _Invalid(wanted)
@@ -189,24 +203,28 @@ def _choice(*options: str, fold_case: bool = False) -> Convert:
     return convert
 
 
+@_accepts("string")
 def _text(value: Any, textual: bool) -> str:
     if not isinstance(value, str):
         raise _Invalid("expected a string")
     return value
 
 
+@_accepts("non-empty string")
 def _nonempty_text(value: Any, textual: bool) -> str:
     if _text(value, textual) == "":
         raise _Invalid("must not be empty")
     return value
 
 
+@_accepts("SQL function name, plain or schema-qualified")
 def _sql_function_name(value: Any, textual: bool) -> str:
     if not isinstance(value, str) or SQL_FUNCTION_NAME.fullmatch(value) is None:
         raise _Invalid("expected a plain or schema-qualified SQL name such as public.my_ingest")
     return value
 
 
+@_accepts("IP address")
 def _ip_address(value: Any, textual: bool) -> str:
     try:
         ipaddress.ip_address(_text(value, textual))
@@ -218,6 +236,7 @@ def _ip_address(value: Any, textual: bool) -> str:
 _HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
+@_accepts("IP address (IPv4 or IPv6) or host name")
 def _listen_host(value: Any, textual: bool) -> str:
     """An IPv4 or IPv6 address, or a host name (RFC 1123); a dotted number that is not an IPv4
     address (``1.2.3.999``) is refused here rather than when the server binds."""
@@ -250,6 +269,10 @@ def _entries(value: Any) -> List[str]:
     return entries
 
 
+@_accepts(
+    f'interface names or `replay:PATH`, as `"a,b"` or `["a", "b"]`; '
+    f"at most {GVRET_BUS_COUNT} buses in all"
+)
 def _interfaces(value: Any, textual: bool) -> Tuple[str, ...]:
     names = _entries(value)
     if not names:
@@ -272,6 +295,7 @@ def _interfaces(value: Any, textual: bool) -> Tuple[str, ...]:
     return tuple(names)
 
 
+@_accepts('IP addresses / CIDR networks, as `"a,b"` or `["a", "b"]`')
 def _networks(value: Any, textual: bool) -> Tuple[str, ...]:
     entries = _entries(value)
     bad = []
@@ -302,6 +326,7 @@ def split_listen(value: str) -> Tuple[str, int]:
     return host, int(port)
 
 
+@_accepts('`"ADDRESS:PORT"`, a port (on 127.0.0.1), or `""` (off)')
 def _listen_address(value: Any, textual: bool) -> str:
     text = _text(value, textual)
     if text == "":
@@ -316,6 +341,7 @@ def _listen_address(value: Any, textual: bool) -> str:
     return text
 
 
+@_accepts("`rx`, `tx`")
 def _direction(value: Any, textual: bool) -> str:
     return _choice("rx", "tx")(value, textual)
 
@@ -442,6 +468,11 @@ _FLAGS: Tuple[_Flag, ...] = (
           "Seconds between stats lines, 0 = off"),
 )  # fmt: skip
 
+# Keys that no flag sets, described for the reference (the others take their flag's help).
+_FILE_ONLY_HELP: Dict[str, str] = {
+    "postgres.cache_max_mb": "Largest size of the spool in megabytes",
+}
+
 _DESCRIPTION = """\
 Bridge SocketCAN interfaces to GVRET TCP clients (SavvyCAN, WireTAP) and PostgreSQL.
 
@@ -495,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _VersionAction(argparse.Action):
-    """``--version``: the commit is looked up only when asked for (it may run ``git``)."""
+    """``--version``: the commit is looked up only when asked for (it reads ``.git``)."""
 
     def __init__(self, option_strings: Sequence[str], dest: str, help: str) -> None:
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
@@ -503,6 +534,48 @@ class _VersionAction(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, *_args: Any) -> None:
         print(buildinfo.describe())
         parser.exit()
+
+
+class KeyReference(NamedTuple):
+    """One key as the configuration reference shows it."""
+
+    name: str  # "section.key"
+    default: str  # as TOML writes it, or "unset"
+    accepts: str
+    options: Tuple[str, ...]  # the flags that set it, e.g. ("--echo", "--no-echo"); () if none
+    metavar: Optional[str]
+    help: str
+
+
+def key_reference() -> List[KeyReference]:
+    """Every key in table order with its default, accepted values, flag and help text (empty
+    where its converter has no ``@_accepts`` label, or a key without a flag no help entry)."""
+    flags = {flag.key: flag for flag in _FLAGS}
+    entries = []
+    for name in ALL_KEYS:
+        section, key = name.split(".")
+        section_type, converters = _SECTIONS[section]
+        default = getattr(section_type(), key)
+        flag = flags.get(name)
+        if flag is None:
+            options: Tuple[str, ...] = ()
+            help_text = _FILE_ONLY_HELP.get(name, "")
+        else:
+            options = flag.options[:1]
+            if flag.metavar is None:
+                options += ("--no-" + flag.options[0][2:],)
+            help_text = flag.help
+        entries.append(
+            KeyReference(
+                name=name,
+                default="unset" if default is None else _show(name, default),
+                accepts=getattr(converters[key], "accepts", ""),
+                options=options,
+                metavar=flag.metavar if flag else None,
+                help=help_text,
+            )
+        )
+    return entries
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

@@ -43,6 +43,11 @@ SEND_BUFFER = 32 * 1024  # the kernel doubles it: ~64 KB in this side's send que
 OUTBOX_FRAME_BYTES = 256 * 1024
 REPLY_BYTES = 64 * 1024  # unread replies: a client that only sends keepalives must not pin memory
 WRITE_CHUNK = 16 * 1024
+# A quiet bus's write: up to ~12 classic frames. Written at once by whoever queues it into an
+# idle outbox (more, from a busy bus, goes to the client's writer thread, whose send overlaps
+# the dispatcher's work), and a paced client gets it without waiting for its interval: a bus that
+# brings under 256 B per 2 ms coalescing window brings less than 128 KB/s, far below the pace.
+QUIET_WRITE_BYTES = 256
 STALL_TIMEOUT_S = 30.0
 SOCKET_POLL_S = 0.5
 BEACON_PORT = 17222
@@ -69,42 +74,86 @@ SetBitrate = Callable[[int, int], str]
 
 
 class Outbox:
-    """One client's outgoing bytes: replies first, then bounded frame data."""
+    """One client's outgoing bytes: replies first, then bounded frame data.
 
-    def __init__(self, who: str, capacity: int = OUTBOX_FRAME_BYTES) -> None:
+    One party writes to the socket at a time: the writer thread, or (``send_now``) the thread
+    that puts a reply or a little frame data into an outbox that is empty and idle, which writes
+    it at once without waking the writer. A write that does not go through whole leaves the rest
+    at the head, sent before anything else (it may end halfway through a message).
+    """
+
+    def __init__(
+        self,
+        who: str,
+        capacity: int = OUTBOX_FRAME_BYTES,
+        send_now: Optional[Callable[[bytes], int]] = None,
+    ) -> None:
         self.capacity = capacity
         self.drops = DropReporter(f"client {who}")
+        self._send_now = send_now
+        self._head = b""
         self._replies: Deque[bytes] = collections.deque()
         self._frames: Deque[bytes] = collections.deque()
         self._frame_bytes = 0
         self._reply_bytes = 0
+        self._writing = False  # the writer thread or a send_now write owns the socket
+        self._writing_now = False  # a send_now write is in progress
         self._ready = threading.Condition(threading.Lock())
         self.closed = False
+        self.frames_from = 0.0
+        """Monotonic time before which no frame data may be written (a paced client)."""
+
+    def _idle(self) -> bool:
+        return not (self._writing or self._head or self._replies or self._frames or self.closed)
 
     def put_reply(self, data: bytes) -> bool:
         """Queue a reply; False when the client has left ``REPLY_BYTES`` of replies unread."""
         with self._ready:
-            if self._reply_bytes + len(data) > REPLY_BYTES:
+            if self._send_now is not None and self._idle():
+                self._writing = self._writing_now = True
+            elif self._reply_bytes + len(data) > REPLY_BYTES:
                 return False
-            self._replies.append(data)
-            self._reply_bytes += len(data)
-            self._ready.notify()
-            return True
+            else:
+                self._replies.append(data)
+                self._reply_bytes += len(data)
+                self._ready.notify()
+                return True
+        self._write_now(data)
+        return True
 
     def put_frames(self, data: bytes, count: int) -> bool:
         """Queue encoded frames; False (and counted as dropped) when the client is too far
         behind."""
+        direct = False
         with self._ready:
             if self._frame_bytes + len(data) > self.capacity:
                 accepted = False
             else:
-                self._frames.append(data)
-                self._frame_bytes += len(data)
-                self._ready.notify()
                 accepted = True
-        if not accepted:
+                if len(data) <= QUIET_WRITE_BYTES and self._send_now is not None and self._idle():
+                    self._writing = self._writing_now = direct = True
+                else:
+                    self._frames.append(data)
+                    self._frame_bytes += len(data)
+                    self._ready.notify()
+        if direct:
+            self._write_now(data)
+        elif not accepted:
             self.drops.add(count)
         return accepted
+
+    def _write_now(self, data: bytes) -> None:
+        assert self._send_now is not None
+        try:
+            sent = self._send_now(data)
+        except OSError:
+            sent = 0  # a full socket, or a broken one: the writer thread sees which
+        with self._ready:
+            self._writing = self._writing_now = False
+            if sent < len(data):
+                self._head = data[sent:]
+            if not self._idle():
+                self._ready.notify_all()
 
     @property
     def frame_bytes(self) -> int:
@@ -126,26 +175,40 @@ class Outbox:
         return accepted
 
     def take(
-        self, timeout: float, limit: int = WRITE_CHUNK, frames_from: float = 0.0
+        self, timeout: Optional[float] = None, limit: int = WRITE_CHUNK, paced: bool = False
     ) -> Tuple[Optional[bytes], bool]:
-        """The next bytes to write and whether they are frame data: all waiting replies first;
-        else frame data up to about ``limit`` bytes, not before monotonic time ``frames_from``
-        (replies never wait for it)."""
-        deadline = time.monotonic() + timeout
+        """The next bytes to write and whether they are frame data: the rest of a cut write
+        first, then all waiting replies; else frame data up to about ``limit`` bytes, for a
+        ``paced`` client not before :attr:`frames_from` unless at most ``QUIET_WRITE_BYTES``
+        are queued (replies never wait for it). None once
+        closed, or after ``timeout`` s (None: no limit) with nothing to write. The caller owns
+        the socket until it calls :meth:`written`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._ready:
             while True:
-                if self._replies:
-                    data = b"".join(self._replies)
-                    self._replies.clear()
-                    self._reply_bytes = 0
-                    return data, False
+                if not self._writing:
+                    if self._head:
+                        data, self._head = self._head, b""
+                        self._writing = True
+                        return data, False
+                    if self._replies:
+                        data = b"".join(self._replies)
+                        self._replies.clear()
+                        self._reply_bytes = 0
+                        self._writing = True
+                        return data, False
                 now = time.monotonic()
-                if self._frames and now >= frames_from:
+                small = self._frame_bytes <= QUIET_WRITE_BYTES
+                frames_from = self.frames_from if paced and not small else 0.0
+                if self._frames and now >= frames_from and not self._writing:
                     break
-                if self.closed or now >= deadline:
+                if self.closed or (deadline is not None and now >= deadline):
                     return None, False
-                wake = deadline if not self._frames else min(deadline, frames_from)
-                self._ready.wait(wake - now)
+                wake = deadline
+                if self._frames and not self._writing and frames_from > now:
+                    wake = frames_from if wake is None else min(wake, frames_from)
+                self._ready.wait(None if wake is None else wake - now)
+            self._writing = True
             parts: List[bytes] = []
             size = 0
             while self._frames and (not parts or size + len(self._frames[0]) <= limit):
@@ -155,10 +218,28 @@ class Outbox:
             self._frame_bytes -= size
             return (parts[0] if len(parts) == 1 else b"".join(parts)), True
 
+    def written(self, frames_from: Optional[float] = None) -> None:
+        """The bytes :meth:`take` returned are written; a paced client's next frame data is due
+        at ``frames_from``."""
+        with self._ready:
+            self._writing = False
+            if frames_from is not None:
+                self.frames_from = frames_from
+
     def close(self) -> None:
         with self._ready:
             self.closed = True
             self._ready.notify_all()
+
+    def close_then(self, release: Callable[[], None]) -> None:
+        """Close, wait for a ``send_now`` write in progress (it never blocks), then call
+        ``release`` (which closes what ``send_now`` writes to) while no new one can start."""
+        with self._ready:
+            self.closed = True
+            self._ready.notify_all()
+            while self._writing_now:
+                self._ready.wait()
+            release()
 
 
 def unsent_in_kernel(sock: socket.socket) -> int:
@@ -198,7 +279,11 @@ class ClientConnection:
             origin=self.token,
             now=time.monotonic(),
         )
-        self.outbox = Outbox(who)
+        # A non-blocking twin of the socket: whoever fills an idle outbox writes through it at
+        # once (the socket itself has a timeout, so its send would poll first and could wait).
+        self._direct = sock.dup()
+        self._direct.setblocking(False)
+        self.outbox = Outbox(who, send_now=self._direct.send)
         self.logs = logs
         self.frames_sent = 0
         self.tx_refused = 0
@@ -236,6 +321,7 @@ class ClientConnection:
         self.outbox.close()
         if self._writer.is_alive() and threading.current_thread() is not self._writer:
             self._writer.join(timeout)
+        self.outbox.close_then(self._direct.close)
 
     def receive(self, data: bytes) -> List[gvret.ConnectionEvent]:
         """The protocol's events for bytes the client sent."""
@@ -304,27 +390,30 @@ class ClientConnection:
         sock = self.sock
         outbox = self.outbox
         protocol = self.protocol
-        frames_from = 0.0
         try:
             while True:
-                if protocol.paced:
-                    data, frames = outbox.take(SOCKET_POLL_S, gvret.PACE_BYTES, frames_from)
+                paced = protocol.paced
+                if paced:
+                    data, frames = outbox.take(SOCKET_POLL_S, gvret.PACE_BYTES, paced=True)
                 else:
-                    data, frames = outbox.take(SOCKET_POLL_S)
+                    data, frames = outbox.take()
                 if data is None:
                     if outbox.closed:
                         return
                     continue
                 if not self._send_all(data):
                     return
-                if frames:
+                if frames and paced and len(data) > QUIET_WRITE_BYTES:
                     # On a schedule, not an interval after each write: a writer woken late
                     # may send the next piece at once (at most one), so that the pace holds
                     # on a busy machine; it never makes up for more than one interval.
                     now = time.monotonic()
-                    frames_from = max(frames_from, now - gvret.PACE_INTERVAL_S) + (
-                        gvret.PACE_INTERVAL_S * len(data) / gvret.PACE_BYTES
+                    outbox.written(
+                        max(outbox.frames_from, now - gvret.PACE_INTERVAL_S)
+                        + gvret.PACE_INTERVAL_S * len(data) / gvret.PACE_BYTES
                     )
+                else:
+                    outbox.written()
         except OSError as exc:
             if not outbox.closed:  # not the server's own shutdown of the socket
                 self.lost = exc.strerror or str(exc)

@@ -75,9 +75,10 @@ SPILL_FRACTION = HIGH_WATER_MARKS[0]
 # A statement running longer than this is "holding the writer up": the keeper moves the queue to
 # the spool meanwhile, so frames reach the disk within about a second of a database going away.
 SLOW_STATEMENT_S = 1.0
-# Frames that have waited this long in the queue (a writer that falls behind the bus) go to the
-# spool, where a crash or a power cut cannot take them.
-MEMORY_WAIT_S = 0.5
+# Frames that have waited this long in a queue that is not shrinking (a writer that falls behind
+# the bus) go to the spool, where a crash or a power cut cannot take them. A queue the writer is
+# clearing (the tail of a burst) stays: the spool's detour would halve the writer's speed.
+MEMORY_WAIT_S = 1.0
 KEEPER_TICK_S = 0.2
 SPOOL_CHUNK_ROWS = 20_000
 IDLE_WAIT_S = 0.5
@@ -234,6 +235,7 @@ class PgWriter:
         self._unsettled: Optional[Tuple[Intent, bool]] = None  # a settle to try again
         self._resolve_needed = True  # after every (re)connect: intents a failure may have left
 
+        self._queued_before = 0  # the queue's length at the keeper's previous look
         self._marks = [int(self._queue_size * fraction) for fraction in HIGH_WATER_MARKS]
         self._next_mark = 0
         self._spill_level = int(self._queue_size * SPILL_FRACTION)
@@ -248,7 +250,7 @@ class PgWriter:
         self.config_problem = ""  # the current configuration mistake, for status pages
         self.connects = 0  # connection attempts
 
-    # -- broker side (dispatcher thread) --------------------------------------------------------
+    # -- broker side (one delivering thread at a time) ------------------------------------------
 
     def deliver(self, frames: Sequence[Frame]) -> None:
         """Queue frames for the writer thread; drops and counts what does not fit. Never blocks."""
@@ -407,10 +409,13 @@ class PgWriter:
     def _spool_waiting(self, final: bool) -> None:
         """Move frames the writer cannot take to the spool: all of them when the database is
         away, a statement holds the writer up, the spool has a backlog to drain first, frames
-        have waited more than ``MEMORY_WAIT_S``, or the writer is done; down to half the queue
-        when it is above the spill level. So frames wait in memory well under a second, unless
-        the spool is full."""
+        have waited more than ``MEMORY_WAIT_S`` in a queue that is not shrinking, or the writer
+        is done; down to half the queue when it is above the spill level. So frames wait in
+        memory about a second at most, unless the spool is full or the writer is clearing a
+        burst."""
         ledger = self.ledger
+        shrinking = ledger.queued < self._queued_before
+        self._queued_before = ledger.queued
         if not ledger.queued:
             if self._next_mark:
                 self._next_mark = 0
@@ -420,7 +425,7 @@ class PgWriter:
             final
             or self._outage
             or ledger.spooled  # a backlog drains first: new frames wait on disk behind it
-            or ledger.oldest_wait() > MEMORY_WAIT_S
+            or (ledger.oldest_wait() > MEMORY_WAIT_S and not shrinking)
             or (started is not None and time.monotonic() - started > SLOW_STATEMENT_S)
             or (self._stopping.is_set() and self._conn is None)
             or (self._stopping.is_set() and time.monotonic() >= self._writer_deadline)

@@ -1,8 +1,8 @@
 """Frame sources: where frames come from, and where a client's transmit goes back to.
 
-Owns the interface every source offers (:class:`Source`) and the bus description GVRET's
-``F1 06`` reports (:class:`BusInfo`). Sources import only ``frames``: they hand batches to a
-``publish`` callable and never know who consumes them.
+Owns the interface every source offers (:class:`Source`) and what is known of each bus
+(:class:`BusInfo`: what GVRET's ``F1 06`` reports, and the controller's health). Sources import
+only ``frames``: they hand batches to a ``publish`` callable and never know who consumes them.
 """
 
 from __future__ import annotations
@@ -17,11 +17,21 @@ Publish = Callable[[List[Frame]], None]
 
 
 class BusInfo(NamedTuple):
-    """What ``F1 06`` says of one bus."""
+    """One bus as last known: a snapshot, read without waiting on anything.
+
+    ``enabled``, ``listen_only`` and ``bitrate`` are what ``F1 06`` says (``bitrate`` falls back
+    to 500000 where the kernel gives none). ``state`` is the CAN controller's ("error-active",
+    "error-warning", "error-passive", "bus-off", "stopped", "sleeping"), ``tx_errors`` /
+    ``rx_errors`` its error counters, as of the kernel's last word on the interface; None where
+    there is none (vcan, a replay, a driver that does not report them).
+    """
 
     enabled: bool
     listen_only: bool
     bitrate: int
+    state: Optional[str] = None
+    tx_errors: Optional[int] = None
+    rx_errors: Optional[int] = None
 
 
 ERROR_ACTIVE = "error-active"

@@ -2,7 +2,10 @@
 
 Owns: opening the raw socket and its options, the ``recvmsg`` loop with its ancillary data
 (``SO_TIMESTAMP``, ``SO_RXQ_OVFL``), direction from ``msg_flags``, error-frame accounting, the
-down / gone / reopen-by-name life of an interface, and ``transmit`` for GVRET clients.
+down / gone / reopen-by-name life of an interface, what is known of the interface (bit rate,
+listen-only, controller state: learnt over rtnetlink when it is opened and whenever the kernel
+announces a change, in the reader thread, so that :meth:`bus_info` only reads a snapshot), and
+``transmit`` for GVRET clients.
 
 The socket comes through a seam (``open_socket``): tests hand in one end of an ``AF_UNIX``
 ``SOCK_DGRAM`` pair carrying ``can_frame`` / ``canfd_frame`` bytes, which receives the same
@@ -12,9 +15,10 @@ The socket comes through a seam (``open_socket``): tests hand in one end of an `
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
-import json
 import logging
+import os
 import select
 import socket
 import struct
@@ -48,6 +52,14 @@ from . import (
     Publish,
     Source,
     TransmitResult,
+)
+from .netlink import (
+    LinkEvent,
+    LinkState,
+    LinkUpdate,
+    LinkWatch,
+    RequestFailed,
+    open_link_socket,
 )
 
 log = logging.getLogger("wiretap.socketcan")
@@ -94,7 +106,7 @@ CAN_ERR_FILTER = CAN_ERR_CRTL | CAN_ERR_BUSOFF | CAN_ERR_RESTARTED
 ANCILLARY_SPACE = socket.CMSG_SPACE(TIMEVAL_64.size) + socket.CMSG_SPACE(RXQ_OVFL_COUNT.size)
 RECEIVE_BUFFER = 4 * 1024 * 1024
 MAX_BATCH = 512
-POLL_INTERVAL_MS = 250
+LINK_QUERY_TIMEOUT_S = 1.0
 REOPEN_BACKOFF_MAX_S = 5.0
 SEND_RETRY_WINDOW_S = 0.02
 PENDING_CONFIRMATIONS = 1024
@@ -171,24 +183,6 @@ def open_can_socket(ifname: str, can_fd: bool) -> socket.socket:
     return sock
 
 
-def read_link_info(ifname: str) -> Tuple[Optional[int], bool]:
-    """``(bitrate, listen_only)`` of a CAN interface from ``ip -details -json``; bitrate None if
-    the kernel does not say (vcan has none)."""
-    try:
-        out = subprocess.run(
-            ["ip", "-details", "-json", "link", "show", "dev", ifname],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout
-        info = json.loads(out)[0]["linkinfo"]["info_data"]
-    except (OSError, subprocess.SubprocessError, ValueError, LookupError, TypeError):
-        return None, False
-    bitrate = info.get("bittiming", {}).get("bitrate")
-    return bitrate, "LISTEN-ONLY" in info.get("ctrlmode", [])
-
-
 def set_link_bitrate(ifname: str, bitrate: int) -> None:
     """Set a CAN interface's bit rate with ``ip link`` (down, set, up: the kernel refuses to
     change the bit timing of a running interface); raises RuntimeError saying what failed."""
@@ -225,20 +219,30 @@ class SocketCanSource(Source):
         *,
         can_fd: bool = False,
         open_socket: Optional[Callable[[], socket.socket]] = None,
+        open_link: Optional[Callable[[], socket.socket]] = None,
     ) -> None:
+        """``open_socket`` and ``open_link`` are seams: a socket to read frames from instead of
+        a CAN socket, and one to learn the interface from instead of rtnetlink (with
+        ``open_socket`` given and no ``open_link``, nothing is learnt: defaults are reported)."""
         self.name = ifname
         self.first_bus = bus
         self.can_fd = can_fd
         self._open_socket = open_socket or (lambda: open_can_socket(ifname, can_fd))
         self._is_can_socket = open_socket is None
+        if open_link is None and open_socket is None:
+            open_link = open_link_socket
+        self._open_link = open_link
+        self._link_watch: Optional[LinkWatch] = None
         self._sock: Optional[socket.socket] = None
         self._init_thread(f"reader-{ifname}")
+        # Wakes the reader's poll when stopping: no timeout to wake up for when all is quiet.
+        self._wake_reader, self._wake_sender = socket.socketpair()
         self._pending: Deque[Tuple[bytes, int]] = collections.deque(maxlen=PENDING_CONFIRMATIONS)
         self._pending_lock = threading.Lock()
-        self._bitrate: Optional[int] = None
+        self.link: Optional[LinkState] = None
+        """The interface as the kernel last described it; None until it has."""
+        self._bus_info = BusInfo(True, False, DEFAULT_BITRATE)
         self._bitrate_fallback_logged = False
-        self._link_stale = False
-        self._listen_only = False
         self._down = False
         self._gone = False
         self._bus_state = ERROR_ACTIVE
@@ -268,12 +272,18 @@ class SocketCanSource(Source):
         }
 
     def health(self, bus: int) -> BusHealth:
+        """The controller's state and counters as the kernel last reported them over rtnetlink
+        where the driver does, else as the last CAN error frames said them."""
         self._read_socket_drops()
+        link = self.link
+        state = link.can_state if link is not None and link.can_state in CAN_STATES else None
+        tx_errors = link.tx_errors if link is not None else None
+        rx_errors = link.rx_errors if link is not None else None
         return BusHealth(
             up=self._sock is not None and not self._down,
-            state=self._bus_state,
-            tx_errors=self._tx_errors,
-            rx_errors=self._rx_errors,
+            state=state or self._bus_state,
+            tx_errors=self._tx_errors if tx_errors is None else tx_errors,
+            rx_errors=self._rx_errors if rx_errors is None else rx_errors,
             error_frames=self.error_frames,
             bus_off=self.bus_off,
             kernel_drops=self._drops_base + self._drops_socket,
@@ -293,30 +303,108 @@ class SocketCanSource(Source):
             self._drops_socket = max(self._drops_socket, SK_MEMINFO.unpack(meminfo)[8])
 
     def bus_info(self, bus: int) -> BusInfo:
-        # Read lazily, in the asking client's thread: the reader must never wait on `ip`.
-        if self._link_stale:
-            self._link_stale = False
-            self._read_link()
-        return BusInfo(True, self._listen_only, self._bitrate or DEFAULT_BITRATE)
+        """What is known now; never waits (a client's reply is built from it)."""
+        return self._bus_info
+
+    def start(self, publish: Publish) -> None:
+        # Learn the interface before any client can ask (the kernel answers at once).
+        if self._open_link is not None:
+            try:
+                self._link_watch = LinkWatch(self.name, self._open_link())
+                self._on_link_events(self._link_watch.query(LINK_QUERY_TIMEOUT_S))
+            except OSError as exc:
+                log.warning(
+                    "%s: cannot ask the kernel about the interface (%s), reporting %d bit/s",
+                    self.name,
+                    exc.strerror or exc,
+                    DEFAULT_BITRATE,
+                )
+                self._close_link_watch()
+        super().start(publish)
+
+    def stop(self) -> None:
+        super().stop()
+        with contextlib.suppress(OSError):
+            self._wake_sender.send(b"\0")
+
+    def refresh_link(self) -> None:
+        """Ask the kernel for the interface's state now (error counters change without
+        notice); the answer updates :attr:`link` and :meth:`bus_info` from the reader thread."""
+        watch = self._link_watch
+        if watch is not None:
+            with contextlib.suppress(OSError):
+                watch.request()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            sock = self._open_with_backoff()
-            if sock is None:
-                return
-            try:
-                self._read(sock)
-            except Exception:
-                # Not an interface problem but a bug: say so loudly, then read on from a fresh
-                # socket rather than leave the bus silent while the server seems fine.
-                log.exception("%s: reader failed, reopening the interface", self.name)
-                self._gone = True
-                self._stop.wait(1.0)
-            finally:
-                self._sock = None
-                sock.close()
-                self._drops_base += self._drops_socket
-                self._drops_socket = 0
+        try:
+            while not self._stop.is_set():
+                sock = self._open_with_backoff()
+                if sock is None:
+                    return
+                try:
+                    self._read(sock)
+                except Exception:
+                    # Not an interface problem but a bug: say so loudly, then read on from a
+                    # fresh socket rather than leave the bus silent while the server seems fine.
+                    log.exception("%s: reader failed, reopening the interface", self.name)
+                    self._gone = True
+                    self._stop.wait(1.0)
+                finally:
+                    self._sock = None
+                    sock.close()
+                    self._drops_base += self._drops_socket
+                    self._drops_socket = 0
+        finally:
+            self._close_link_watch()
+            self._wake_reader.close()
+            self._wake_sender.close()
+
+    def _close_link_watch(self) -> None:
+        watch, self._link_watch = self._link_watch, None
+        if watch is not None:
+            watch.close()
+
+    def _on_link_events(self, events: List[LinkEvent]) -> None:
+        for event in events:
+            if isinstance(event, LinkUpdate):
+                self._apply_link(event.link)
+            elif isinstance(event, RequestFailed) and event.errno != errno.ENODEV:
+                log.warning(
+                    "%s: the kernel did not say what the interface is: %s",
+                    self.name,
+                    errno.errorcode.get(event.errno, event.errno),
+                )
+            # LinkRemoved, ENODEV: the reader finds out too and reopens by name; until the
+            # interface is back, clients are told what was last known of it.
+
+    def _apply_link(self, link: LinkState) -> None:
+        if link.bitrate is None and not self._bitrate_fallback_logged:
+            self._bitrate_fallback_logged = True
+            log.info(
+                "%s: the kernel reports no bit rate, reporting %d to clients",
+                self.name,
+                DEFAULT_BITRATE,
+            )
+        previous = self.link
+        self.link = link
+        self._bus_info = BusInfo(
+            True,
+            link.listen_only,
+            link.bitrate or DEFAULT_BITRATE,
+            state=link.can_state,
+            tx_errors=link.tx_errors,
+            rx_errors=link.rx_errors,
+        )
+        if previous is not None and (previous.bitrate, previous.listen_only) != (
+            link.bitrate,
+            link.listen_only,
+        ):
+            log.info(
+                "%s: now %s bit/s%s",
+                self.name,
+                link.bitrate or "unknown",
+                ", listen-only" if link.listen_only else "",
+            )
 
     def _open_with_backoff(self) -> Optional[socket.socket]:
         delay = 0.5
@@ -346,11 +434,12 @@ class SocketCanSource(Source):
                 continue
             self._sock = sock
             if self._is_can_socket:
-                self._link_stale = True
                 self._check_down_at_open()
             if reported is not None or self._gone:
                 self._gone = False
                 log.info("%s: interface is back, reading again", self.name)
+                # Perhaps a new interface (replugged) with other settings: ask what it is now.
+                self.refresh_link()
             return sock
         return None
 
@@ -359,19 +448,17 @@ class SocketCanSource(Source):
         if not self._is_can_socket:
             raise RuntimeError(f"{self.name} is not a kernel CAN interface")
         set_link_bitrate(self.name, bitrate)
-        self._link_stale = True
+        self.refresh_link()  # the kernel announces it too, when the interface comes back up
         return f"{self.name} set to {bitrate} bit/s with ip link"
 
-    def _read_link(self) -> None:
-        bitrate, self._listen_only = read_link_info(self.name)
-        if bitrate is None and not self._bitrate_fallback_logged:
-            self._bitrate_fallback_logged = True
-            log.info(
-                "%s: the kernel reports no bit rate, reporting %d to clients",
-                self.name,
-                DEFAULT_BITRATE,
-            )
-        self._bitrate = bitrate
+    def _lose_link_watch(self, reason: str) -> None:
+        log.warning(
+            "%s: no more news of the interface from the kernel (%s); clients are told what was "
+            "last known",
+            self.name,
+            reason,
+        )
+        self._close_link_watch()
 
     def _check_down_at_open(self) -> None:
         if _operstate(self.name) == "down" and not self._down:
@@ -384,12 +471,29 @@ class SocketCanSource(Source):
         """Read until stopped or the interface vanishes (then return to reopen it)."""
         poller = select.poll()
         poller.register(sock, select.POLLIN)
+        poller.register(self._wake_reader, select.POLLIN)
+        watch = self._link_watch
+        link_fd = -1 if watch is None else watch.fileno()
+        if link_fd < 0 and watch is not None:
+            self._lose_link_watch(os.strerror(errno.EBADF))  # closed before this read began
+            watch = None
+        elif watch is not None:
+            poller.register(link_fd, select.POLLIN)
+        can_fd = sock.fileno()
         recvmsg = sock.recvmsg
         publish = self._publish
         assert publish is not None
         bus = self.first_bus
         while not self._stop.is_set():
-            if not poller.poll(POLL_INTERVAL_MS):
+            ready = poller.poll()
+            if watch is not None and any(fd == link_fd for fd, _ in ready):
+                try:
+                    self._on_link_events(watch.read())
+                except OSError as exc:
+                    poller.unregister(link_fd)
+                    self._lose_link_watch(exc.strerror or str(exc))
+                    watch = None
+            if not any(fd == can_fd for fd, _ in ready):
                 continue
             batch: List[Frame] = []
             try:
@@ -424,8 +528,6 @@ class SocketCanSource(Source):
         if self._down:
             self._down = False
             log.info("%s: reading again", self.name)
-            # The bit rate may have been changed while it was down.
-            self._link_stale = self._is_can_socket
         self.frames_read += len(batch)
         publish(batch)
 
@@ -469,6 +571,8 @@ class SocketCanSource(Source):
         previous, self._bus_state = self._bus_state, state
         if state == previous:
             return
+        # The kernel announces bus-off and restarts, not error-passive: ask it for its view.
+        self.refresh_link()
         if state == BUS_OFF:
             self.bus_off += 1
             restart = self._restart_ms
