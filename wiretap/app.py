@@ -133,7 +133,7 @@ class App:
         status_stats = StatsReporter(0, self.counters)  # its own fps, apart from the log line's
         self.systemd = Notifier(
             os.environ if environ is None else environ,
-            heartbeat=lambda: self.broker.heartbeat,
+            heartbeat=self.broker.last_sign_of_life,
             status_line=lambda: format_line(status_stats.snapshot()).removeprefix("stats "),
         )
         self._server_thread = threading.Thread(

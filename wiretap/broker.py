@@ -23,7 +23,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable, Deque, List, Protocol, Sequence
+from typing import Callable, Deque, List, Optional, Protocol, Sequence
 
 from .frames import Frame
 
@@ -136,6 +136,7 @@ class Broker:
         self.frames_in = 0
         self.overflow = DropReporter("broker")
         self.heartbeat = time.monotonic()  # when the dispatcher last went round its loop
+        self._delivery_started: Optional[float] = None
 
     @property
     def pending(self) -> int:
@@ -232,7 +233,21 @@ class Broker:
                     self._queued_frames -= len(frames)
                     self._queued_batches -= batches
 
+    def last_sign_of_life(self) -> float:
+        """When a delivery now under way began (in a reader or the dispatcher), else when the
+        dispatcher last went round its loop: how a wedged consumer shows, whichever thread it
+        holds (the systemd watchdog is fed from this)."""
+        started = self._delivery_started
+        return self.heartbeat if started is None else started
+
     def _deliver(self, frames: Sequence[Frame]) -> None:
+        self._delivery_started = time.monotonic()
+        try:
+            self._deliver_to_all(frames)
+        finally:
+            self._delivery_started = None
+
+    def _deliver_to_all(self, frames: Sequence[Frame]) -> None:
         self.frames_in += len(frames)
         for consumer in self._consumers:
             try:

@@ -21,7 +21,8 @@ from typing import Callable, Mapping, Optional
 
 log = logging.getLogger("wiretap.systemd")
 
-STATUS_INTERVAL_S = 5.0  # STATUS= refresh when there is no watchdog to feed more often
+STATUS_INTERVAL_S = 5.0
+SEND_TIMEOUT_S = 0.5  # STATUS= refresh when there is no watchdog to feed more often
 # A dispatcher heartbeat older than this (or half the watchdog interval, if longer) is a wedge:
 # the dispatcher goes round its loop at least every broker.HEARTBEAT_S.
 STALL_MIN_S = 2.0
@@ -81,6 +82,8 @@ class Notifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # A receiver that does not read (its queue full) must not hold up a stop.
+                self._sock.settimeout(SEND_TIMEOUT_S)
             self._sock.sendto("\n".join(assignments).encode(), self.address)
         except OSError as exc:
             if not self._send_failed:
