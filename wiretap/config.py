@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import socket
 import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -59,6 +60,7 @@ class ServerConfig:
     beacon_address: str = "255.255.255.255"
     replay_speed: float = 1.0
     replay_loop: bool = False
+    node: str = ""
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ class PostgresConfig:
     dir: Optional[str] = None
     cache_path: str = ""
     cache_max_mb: int = 1000
+    partition_interval: str = "1 day"
+    retention_days: int = 0
 
 
 @dataclass(frozen=True)
@@ -224,6 +228,30 @@ def _sql_function_name(value: Any, textual: bool) -> str:
     return value
 
 
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,62}")
+
+
+@_accepts("node name: up to 63 letters, digits, `.`, `_`, `:` or `-`; empty = the host name")
+def _node(value: Any, textual: bool) -> str:
+    if _text(value, textual) and NODE_NAME.fullmatch(value) is None:
+        raise _Invalid(
+            "expected up to 63 letters, digits, '.', '_', ':' or '-', starting with a letter or"
+            " digit (empty: the host name)"
+        )
+    return value
+
+
+PARTITION_INTERVAL = re.compile(r"(?P<count>[1-9][0-9]{0,3}) (?P<unit>hour|day)s?")
+
+
+@_accepts('`"N hours"` or `"N days"`')
+def _partition_interval(value: Any, textual: bool) -> str:
+    match = PARTITION_INTERVAL.fullmatch(_text(value, textual))
+    if match is None:
+        raise _Invalid('expected a number of hours or days, e.g. "1 day" or "6 hours"')
+    return value
+
+
 @_accepts("IP address")
 def _ip_address(value: Any, textual: bool) -> str:
     try:
@@ -369,6 +397,7 @@ _SECTIONS: Dict[str, Tuple[type, Dict[str, Convert]]] = {
             "beacon_address": _ip_address,
             "replay_speed": _number(0, low_allowed=False),
             "replay_loop": _boolean,
+            "node": _node,
         },
     ),
     "postgres": (
@@ -384,6 +413,8 @@ _SECTIONS: Dict[str, Tuple[type, Dict[str, Convert]]] = {
             "dir": _direction,
             "cache_path": _text,
             "cache_max_mb": _integer(1),
+            "partition_interval": _partition_interval,
+            "retention_days": _integer(0),
         },
     ),
     "logging": (
@@ -444,6 +475,8 @@ _FLAGS: Tuple[_Flag, ...] = (
           "Playback speed of replay: sources (2 = twice as fast)"),
     _Flag(("--replay-loop",), "server.replay_loop", None,
           "Start replay: sources over when the log ends"),
+    _Flag(("--node",), "server.node", "NAME",
+          "Name of this server in the database's rows and in the logs; empty = the host name"),
     _Flag(("--pg-enable",), "postgres.enable", None, "Enable PostgreSQL ingest"),
     _Flag(("--pg-dsn",), "postgres.dsn", "DSN",
           "PostgreSQL connection string (PG_DSN keeps the password off the command line)"),
@@ -460,6 +493,10 @@ _FLAGS: Tuple[_Flag, ...] = (
           "Direction stored for frames read from the bus; unset = --default-dir"),
     _Flag(("--pg-cache-path",), "postgres.cache_path", "PATH",
           "Spool file for frames while the database is away (default: the state directory)"),
+    _Flag(("--pg-partition-interval",), "postgres.partition_interval", "INTERVAL",
+          'Time span of each new can_frame partition, e.g. "1 day" or "6 hours"'),
+    _Flag(("--pg-retention-days",), "postgres.retention_days", "DAYS",
+          "Drop partitions whose frames are older than this many days; 0 = keep everything"),
     _Flag(("--status-listen",), "status.listen", "ADDR:PORT",
           "Serve /metrics, /status and a status page over HTTP here (a bare port: on loopback)"),
     _Flag(("--log-level",), "logging.level", "LEVEL",
@@ -628,6 +665,8 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
 
     if not values["postgres.cache_path"]:
         values["postgres.cache_path"] = _default_spool_path(environ)
+    if not values["server.node"]:
+        values["server.node"] = socket.gethostname()
     sections = {
         section: section_type(**{key: values[f"{section}.{key}"] for key in converters})
         for section, (section_type, converters) in _SECTIONS.items()

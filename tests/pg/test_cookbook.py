@@ -27,6 +27,7 @@ def cookbook_statements() -> List[str]:
 
 
 SEED = """
+set wiretap.node = 'pi-7';
 select public.ingest_can_frame(now() - interval '3 s', false, false, _id => 201,
                                _data_bytes => '\\x00000fa000000000');
 select public.ingest_can_frame(now() - interval '2 s', false, false, _id => 201,

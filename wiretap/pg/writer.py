@@ -126,14 +126,18 @@ class _SpoolStuck(Exception):
 
 
 def connect(
-    dsn: str, statement_timeout_s: float = STATEMENT_TIMEOUT_S
+    dsn: str, statement_timeout_s: float = STATEMENT_TIMEOUT_S, node: Optional[str] = None
 ) -> psycopg2.extensions.connection:
-    """A connection with the writer's application name, timeouts and keepalives."""
+    """A connection with the writer's application name, timeouts and keepalives; ``node`` fills
+    the node column of a partitioned can_frame (init_schema.sql), which a plain table lacks: the
+    rows the writer sends are the same for both."""
     params = psycopg2.extensions.parse_dsn(dsn) if dsn else {}
     extra = {key: value for key, value in CONNECTION_DEFAULTS.items() if key not in params}
     conn = psycopg2.connect(dsn, application_name=APPLICATION_NAME, **extra)
     with conn.cursor() as cur:
         cur.execute("SET statement_timeout = %s", (f"{int(statement_timeout_s * 1000)}ms",))
+        if node:
+            cur.execute("SELECT set_config('wiretap.node', %s, false)", (node,))
     conn.commit()
     return conn
 
@@ -194,8 +198,10 @@ class PgWriter:
         settings: WriterSettings,
         default_dir: str,
         statement_timeout_s: float = STATEMENT_TIMEOUT_S,
+        node: Optional[str] = None,
     ) -> None:
         self._dsn = settings.dsn or ""
+        self._node = node or socket.gethostname()
         self._mode = settings.mode
         self._func = settings.func
         self._batch_size = settings.batch_size
@@ -711,7 +717,7 @@ class PgWriter:
     def _connect(self) -> None:
         self.connects += 1
         try:
-            conn = connect(self._dsn, self._statement_timeout_s)
+            conn = connect(self._dsn, self._statement_timeout_s, self._node)
         except psycopg2.Error as error:
             self._lose_connection(diagnose(error))
             return
