@@ -377,7 +377,7 @@ align-items:baseline}
 header h1{font-size:18px;margin:0}
 header span{opacity:.8}
 main{padding:12px;display:grid;gap:12px;grid-template-columns:repeat(auto-fill,minmax(320px,1fr))}
-section{background:#fff;border-radius:6px;padding:10px 12px;box-shadow:0 1px 2px #0002}
+section{background:#fff;border-radius:6px;padding:10px 12px;box-shadow:0 1px 2px rgba(0,0,0,.13)}
 h2{font-size:15px;margin:0 0 6px;display:flex;align-items:center;gap:8px}
 .dot{width:12px;height:12px;border-radius:50%;display:inline-block;background:#999}
 .ok .dot{background:#2a9d3a}.bad .dot{background:#d62828}.warn .dot{background:#e9a100}
