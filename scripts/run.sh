@@ -30,7 +30,7 @@ if ! chooses_source "$@"; then
     if has_can_interface; then
         set -- -C wiretap-server.toml "$@"
     else
-        echo "run: no CAN interface here, playing examples/demo.log (connect a GVRET client to port 2323)"
+        echo "run: no CAN interface here, playing examples/demo.log (the server says where to connect)"
         set -- --iface replay:examples/demo.log --replay-loop --can-fd "$@"
     fi
 fi

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 scripts/install.sh --dev
 .venv/bin/python -m pytest "$@"
 
-# --- vcan tier (tests/kernel, issue 4): real SocketCAN in a VM, or here if the kernel has vcan ---
+# vcan tier (tests/kernel): real SocketCAN, in a small VM unless this kernel has vcan and we are root
 tests/kernel/run-in-vm.sh
 
 # --- power-cut drill: the database spool across an immediate reboot, in a VM ---

@@ -102,7 +102,18 @@ class PgCluster:
 
     @property
     def dsn(self) -> str:
-        return f"host=127.0.0.1 port={self.port} user={SUPERUSER} dbname={DATABASE}"
+        return self.dsn_for(DATABASE)
+
+    def dsn_for(self, dbname: str, user: str = SUPERUSER) -> str:
+        return f"host=127.0.0.1 port={self.port} user={user} dbname={dbname}"
+
+    def create_database(self, dbname: str, schema: Optional[Path] = None) -> str:
+        """A fresh database (dropped first if it exists) with ``schema`` loaded; its DSN."""
+        self._psql("postgres", "-c", f"drop database if exists {dbname}")
+        self._psql("postgres", "-c", f"create database {dbname}")
+        if schema is not None:
+            self._psql(dbname, "-f", str(schema))
+        return self.dsn_for(dbname)
 
     @property
     def datadir(self) -> Path:

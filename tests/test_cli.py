@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import subprocess
 import sys
@@ -123,3 +125,21 @@ def test_main_check_config_prints_describe(
     lines = capsys.readouterr().out.splitlines()
     assert "port = 0" in lines
     assert 'cache_path = "/home/pi/.local/state/wiretap-server/wiretap-spool.db"' in lines
+
+
+def test_a_record_logged_after_main_returned_goes_to_the_stderr_of_that_moment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The log queue writes records that come after the shutdown (a client's handler finishing
+    # late) straight to stderr; an in-process caller may have closed the stderr main() saw.
+    monkeypatch.delenv("PG_DSN", raising=False)
+    stderr_then, stderr_now = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    monkeypatch.setattr(sys, "stderr", stderr_then)
+    assert main(["--port", "0", "--check-config"]) == 0
+    stderr_then.close()
+    monkeypatch.setattr(sys, "stderr", stderr_now)
+    logging.getLogger("wiretap.test").warning("client 127.0.0.1:1: disconnected late")
+    written = stderr_now.getvalue()
+    assert written.endswith(" WARNING wiretap.test: client 127.0.0.1:1: disconnected late\n")
+    assert "Logging error" not in written

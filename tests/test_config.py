@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import socket
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -53,7 +54,10 @@ def errors_of(tmp_path: Path, toml: Optional[str] = None, flags: Sequence[str] =
 
 def test_defaults_without_file_match_the_spec() -> None:
     config = load_config([], {})
-    assert config == Config(postgres=PostgresConfig(cache_path=DEFAULT_SPOOL))
+    assert config == Config(
+        server=ServerConfig(node=socket.gethostname()),
+        postgres=PostgresConfig(cache_path=DEFAULT_SPOOL),
+    )
     assert config.server.iface == ("can0",)
     assert config.server.port == 2323
     assert config.postgres.dir is None
@@ -157,9 +161,10 @@ def test_every_flag_sets_its_key(tmp_path: Path) -> None:
         "--allow", "10.0.0.1", "--allow", "::1,fd00::/8", "--max-clients", "2",
         "--handshake-timeout", "0", "--gvret-fd", "esp32ret", "--beacon",
         "--beacon-address", "192.168.1.255",
-        "--replay-speed", "2.5", "--replay-loop", "--pg-enable", "--pg-dsn", "dbname=x",
-        "--pg-mode", "copy", "--pg-func", "ingest", "--pg-batch-size", "5",
-        "--pg-flush-interval", "1.5", "--pg-queue-size", "50", "--pg-dir", "tx",
+        "--replay-speed", "2.5", "--replay-loop", "--node", "rig-7.lab", "--pg-enable",
+        "--pg-dsn", "dbname=x", "--pg-mode", "copy", "--pg-func", "ingest", "--pg-batch-size",
+        "5", "--pg-flush-interval", "1.5", "--pg-queue-size", "50", "--pg-dir", "tx",
+        "--pg-partition-interval", "6 hours", "--pg-retention-days", "30",
         "--log-level", "warning", "--stats-interval", "0",
     ]  # fmt: skip
     config = load(tmp_path, None, flags)
@@ -168,11 +173,12 @@ def test_every_flag_sets_its_key(tmp_path: Path) -> None:
         echo_console=True, colour=True, default_dir="tx", read_only=True,
         allow=("10.0.0.1", "::1", "fd00::/8"), max_clients=2, handshake_timeout=0.0,
         gvret_fd="esp32ret", beacon=True, beacon_address="192.168.1.255", replay_speed=2.5,
-        replay_loop=True,
+        replay_loop=True, node="rig-7.lab",
     )  # fmt: skip
     assert config.postgres == PostgresConfig(
         enable=True, dsn="dbname=x", mode="copy", func="ingest", batch_size=5,
         flush_interval=1.5, queue_size=50, dir="tx", cache_path=DEFAULT_SPOOL, cache_max_mb=1000,
+        partition_interval="6 hours", retention_days=30,
     )  # fmt: skip
     assert config.logging == LoggingConfig(level="WARNING", stats_interval=0.0)
 
@@ -268,6 +274,14 @@ INVALID_VALUES = [
     ("beacon_address", '[server]\nbeacon_address = "everyone"',
      'server.beacon_address = "everyone"', "IP address"),
     ("dsn_type", "[postgres]\ndsn = 5", "postgres.dsn = 5", "expected a string"),
+    ("node", '[server]\nnode = "truck 12"', 'server.node = "truck 12"', "letters, digits"),
+    ("node_dash", '[server]\nnode = "-x"', 'server.node = "-x"', "starting with a letter"),
+    ("partition_interval", '[postgres]\npartition_interval = "30 minutes"',
+     'postgres.partition_interval = "30 minutes"', "number of hours or days"),
+    ("partition_interval_zero", '[postgres]\npartition_interval = "0 days"',
+     'postgres.partition_interval = "0 days"', "number of hours or days"),
+    ("retention_days", "[postgres]\nretention_days = -1", "postgres.retention_days = -1",
+     "0 or more"),
 ]  # fmt: skip
 
 

@@ -363,17 +363,24 @@ def test_a_seam_source_is_not_reconfigured() -> None:
     b.close()
 
 
-def test_losing_the_kernels_news_keeps_the_last_values_and_the_frames(bus_factory, caplog):
+@pytest.mark.parametrize("broken", ["while reading", "before the first read"])
+def test_losing_the_kernels_news_keeps_the_last_values_and_the_frames(bus_factory, caplog, broken):
     bus = bus_factory()
     kernel, source_end = link_seam()
     kernel.send(can_link("can0", bitrate=250_000))
-    source = SocketCanSource(
-        "can0", 0, open_socket=lambda: bus.reader_end, open_link=lambda: source_end
-    )
+
+    def open_socket() -> socket.socket:
+        if broken == "before the first read":
+            wait_until(lambda: source.bus_info(0).bitrate == 250_000, what="the link learnt")
+            source_end.close()
+        return bus.reader_end
+
+    source = SocketCanSource("can0", 0, open_socket=open_socket, open_link=lambda: source_end)
     with caplog.at_level(logging.WARNING, logger="wiretap.socketcan"):
         collector = started(source)
         try:
-            source_end.close()  # the rtnetlink socket breaks (EBADF at the next read)
+            if broken == "while reading":
+                source_end.close()  # the rtnetlink socket breaks (EBADF at the next read)
             for i in range(3):
                 bus.send(make_frame(0, 0x100, bytes([i])))
             wait_until(lambda: len(collector.frames) == 3, what="frames after the break")

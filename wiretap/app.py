@@ -112,11 +112,19 @@ class App:
             )
             self.broker.register(self.echo)
         self.pg = None
+        self.partitions = None
         if config.postgres.enable:
+            from .pg.partitions import PartitionKeeper
             from .pg.writer import PgWriter
 
-            self.pg = PgWriter(config.postgres, config.server.default_dir)
+            self.pg = PgWriter(config.postgres, config.server.default_dir, node=config.server.node)
             self.broker.register(self.pg)
+            self.partitions = PartitionKeeper(
+                config.postgres.dsn,
+                config.server.node,
+                config.postgres.partition_interval,
+                config.postgres.retention_days,
+            )
         self.server = self._bind()
         self.beacon = Beacon(config.server.beacon_address) if config.server.beacon else None
         self.stats = StatsReporter(config.logging.stats_interval, self.counters)
@@ -203,13 +211,17 @@ class App:
         if self.pg is not None:
             values.update(self.pg.counters())
             values["queued"] = int(values["queued"]) + broker.pending
+        if self.partitions is not None:
+            values.update(self.partitions.counters())
+        values["node"] = self.config.server.node
         # Frames the broker could not queue were lost for every consumer, the database included.
         values["dropped"] = int(values.get("dropped", 0)) + broker.overflow.total
         return values
 
     def start(self) -> None:
         log.info(
-            "listening on %s:%d for GVRET clients; buses: %s",
+            "node %s listening on %s:%d for GVRET clients; buses: %s",
+            self.config.server.node,
             self.config.server.host,
             self.port,
             ", ".join(
@@ -221,6 +233,8 @@ class App:
         for consumer in (self.echo, self.pg):
             if consumer is not None:
                 consumer.start()
+        if self.partitions is not None:
+            self.partitions.start()
         self.broker.start()
         for source in self.sources:
             source.start(self.broker.publish)
@@ -257,6 +271,8 @@ class App:
             client.stop_writer(budget(1.0))
         if self.echo is not None:
             self.echo.stop(budget(1.0))
+        if self.partitions is not None:
+            self.partitions.stop(budget(0.5))
         if self.pg is not None:
             self.pg.stop(budget(timeout))
         self.stats.log_now()

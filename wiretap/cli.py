@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from types import ModuleType
-from typing import Optional, Sequence
+from typing import Optional, Sequence, TextIO
 
 from wiretap.config import Config, ConfigError, parse_args, resolve
 from wiretap.logqueue import LogQueue
@@ -82,10 +82,24 @@ def _check_database(config: Config) -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each record: the log queue keeps writing records
+    logged after :func:`main` returned (a client's handler finishing late), and by then the
+    caller (a test run in-process, say) may have swapped ``sys.stderr`` and closed the old one."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
 def _log_to_stderr(level: str) -> LogQueue:
     """Log through a bounded queue: a thread that logs (the dispatcher counting a drop, say) must
     never wait on a stalled stderr pipe or a journald that pushes back."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.setLevel(level)

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import socket
 import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -59,6 +60,7 @@ class ServerConfig:
     beacon_address: str = "255.255.255.255"
     replay_speed: float = 1.0
     replay_loop: bool = False
+    node: str = ""
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ class PostgresConfig:
     dir: Optional[str] = None
     cache_path: str = ""
     cache_max_mb: int = 1000
+    partition_interval: str = "1 day"
+    retention_days: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,17 @@ class _Invalid(ValueError):
 Convert = Callable[[Any, bool], Any]
 
 
+def _accepts(description: str) -> Callable[[Convert], Convert]:
+    """Label a converter with what it accepts, in words, for the configuration reference."""
+
+    def label(convert: Convert) -> Convert:
+        convert.accepts = description  # type: ignore[attr-defined]
+        return convert
+
+    return label
+
+
+@_accepts("`true` or `false`")
 def _boolean(value: Any, textual: bool) -> bool:
     if not isinstance(value, bool):
         raise _Invalid("expected true or false")
@@ -137,6 +152,7 @@ def _check_range(value: float, low: float, high: Optional[float], low_allowed: b
 
 
 def _integer(low: int, high: Optional[int] = None) -> Convert:
+    @_accepts(f"integer, {low}–{high}" if high is not None else f"integer ≥ {low}")
     def convert(value: Any, textual: bool) -> int:
         if textual:
             try:
@@ -152,6 +168,7 @@ def _integer(low: int, high: Optional[int] = None) -> Convert:
 
 
 def _number(low: float, low_allowed: bool) -> Convert:
+    @_accepts(f"number {'≥' if low_allowed else '>'} {low:g}")
     def convert(value: Any, textual: bool) -> float:
         if textual:
             try:
@@ -171,6 +188,7 @@ def _number(low: float, low_allowed: bool) -> Convert:
 def _choice(*options: str, fold_case: bool = False) -> Convert:
     wanted = "expected one of " + ", ".join(options)
 
+    @_accepts(", ".join(f"`{option}`" for option in options) + (", any case" if fold_case else ""))
     def convert(value: Any, textual: bool) -> str:
         if not isinstance(value, str):
             raise _Invalid(wanted)
@@ -183,24 +201,52 @@ def _choice(*options: str, fold_case: bool = False) -> Convert:
     return convert
 
 
+@_accepts("string")
 def _text(value: Any, textual: bool) -> str:
     if not isinstance(value, str):
         raise _Invalid("expected a string")
     return value
 
 
+@_accepts("non-empty string")
 def _nonempty_text(value: Any, textual: bool) -> str:
     if _text(value, textual) == "":
         raise _Invalid("must not be empty")
     return value
 
 
+@_accepts("SQL function name, plain or schema-qualified")
 def _sql_function_name(value: Any, textual: bool) -> str:
     if not isinstance(value, str) or SQL_FUNCTION_NAME.fullmatch(value) is None:
         raise _Invalid("expected a plain or schema-qualified SQL name such as public.my_ingest")
     return value
 
 
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,62}")
+
+
+@_accepts("node name: up to 63 letters, digits, `.`, `_`, `:` or `-`; empty = the host name")
+def _node(value: Any, textual: bool) -> str:
+    if _text(value, textual) and NODE_NAME.fullmatch(value) is None:
+        raise _Invalid(
+            "expected up to 63 letters, digits, '.', '_', ':' or '-', starting with a letter or"
+            " digit (empty: the host name)"
+        )
+    return value
+
+
+PARTITION_INTERVAL = re.compile(r"(?P<count>[1-9][0-9]{0,3}) (?P<unit>hour|day)s?")
+
+
+@_accepts('`"N hours"` or `"N days"`')
+def _partition_interval(value: Any, textual: bool) -> str:
+    match = PARTITION_INTERVAL.fullmatch(_text(value, textual))
+    if match is None:
+        raise _Invalid('expected a number of hours or days, e.g. "1 day" or "6 hours"')
+    return value
+
+
+@_accepts("IP address")
 def _ip_address(value: Any, textual: bool) -> str:
     try:
         ipaddress.ip_address(_text(value, textual))
@@ -212,6 +258,7 @@ def _ip_address(value: Any, textual: bool) -> str:
 _HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
+@_accepts("IP address (IPv4 or IPv6) or host name")
 def _listen_host(value: Any, textual: bool) -> str:
     """An IPv4 or IPv6 address, or a host name (RFC 1123); a dotted number that is not an IPv4
     address (``1.2.3.999``) is refused here rather than when the server binds."""
@@ -244,6 +291,10 @@ def _entries(value: Any) -> List[str]:
     return entries
 
 
+@_accepts(
+    f'interface names or `replay:PATH`, as `"a,b"` or `["a", "b"]`; '
+    f"at most {GVRET_BUS_COUNT} buses in all"
+)
 def _interfaces(value: Any, textual: bool) -> Tuple[str, ...]:
     names = _entries(value)
     if not names:
@@ -266,6 +317,7 @@ def _interfaces(value: Any, textual: bool) -> Tuple[str, ...]:
     return tuple(names)
 
 
+@_accepts('IP addresses / CIDR networks, as `"a,b"` or `["a", "b"]`')
 def _networks(value: Any, textual: bool) -> Tuple[str, ...]:
     entries = _entries(value)
     bad = []
@@ -279,6 +331,7 @@ def _networks(value: Any, textual: bool) -> Tuple[str, ...]:
     return tuple(entries)
 
 
+@_accepts("`rx`, `tx`")
 def _direction(value: Any, textual: bool) -> str:
     return _choice("rx", "tx")(value, textual)
 
@@ -306,6 +359,7 @@ _SECTIONS: Dict[str, Tuple[type, Dict[str, Convert]]] = {
             "beacon_address": _ip_address,
             "replay_speed": _number(0, low_allowed=False),
             "replay_loop": _boolean,
+            "node": _node,
         },
     ),
     "postgres": (
@@ -321,6 +375,8 @@ _SECTIONS: Dict[str, Tuple[type, Dict[str, Convert]]] = {
             "dir": _direction,
             "cache_path": _text,
             "cache_max_mb": _integer(1),
+            "partition_interval": _partition_interval,
+            "retention_days": _integer(0),
         },
     ),
     "logging": (
@@ -380,6 +436,8 @@ _FLAGS: Tuple[_Flag, ...] = (
           "Playback speed of replay: sources (2 = twice as fast)"),
     _Flag(("--replay-loop",), "server.replay_loop", None,
           "Start replay: sources over when the log ends"),
+    _Flag(("--node",), "server.node", "NAME",
+          "Name of this server in the database's rows and in the logs; empty = the host name"),
     _Flag(("--pg-enable",), "postgres.enable", None, "Enable PostgreSQL ingest"),
     _Flag(("--pg-dsn",), "postgres.dsn", "DSN",
           "PostgreSQL connection string (PG_DSN keeps the password off the command line)"),
@@ -396,11 +454,20 @@ _FLAGS: Tuple[_Flag, ...] = (
           "Direction stored for frames read from the bus; unset = --default-dir"),
     _Flag(("--pg-cache-path",), "postgres.cache_path", "PATH",
           "Spool file for frames while the database is away (default: the state directory)"),
+    _Flag(("--pg-partition-interval",), "postgres.partition_interval", "INTERVAL",
+          'Time span of each new can_frame partition, e.g. "1 day" or "6 hours"'),
+    _Flag(("--pg-retention-days",), "postgres.retention_days", "DAYS",
+          "Drop partitions whose frames are older than this many days; 0 = keep everything"),
     _Flag(("--log-level",), "logging.level", "LEVEL",
           "Log level: DEBUG, INFO, WARNING, ERROR or CRITICAL"),
     _Flag(("--stats-interval",), "logging.stats_interval", "SEC",
           "Seconds between stats lines, 0 = off"),
 )  # fmt: skip
+
+# Keys that no flag sets, described for the reference (the others take their flag's help).
+_FILE_ONLY_HELP: Dict[str, str] = {
+    "postgres.cache_max_mb": "Largest size of the spool in megabytes",
+}
 
 _DESCRIPTION = """\
 Bridge SocketCAN interfaces to GVRET TCP clients (SavvyCAN, WireTAP) and PostgreSQL.
@@ -450,6 +517,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"wiretap-server {__version__}")
     return parser
+
+
+class KeyReference(NamedTuple):
+    """One key as the configuration reference shows it."""
+
+    name: str  # "section.key"
+    default: str  # as TOML writes it, or "unset"
+    accepts: str
+    options: Tuple[str, ...]  # the flags that set it, e.g. ("--echo", "--no-echo"); () if none
+    metavar: Optional[str]
+    help: str
+
+
+def key_reference() -> List[KeyReference]:
+    """Every key in table order with its default, accepted values, flag and help text (empty
+    where its converter has no ``@_accepts`` label, or a key without a flag no help entry)."""
+    flags = {flag.key: flag for flag in _FLAGS}
+    entries = []
+    for name in ALL_KEYS:
+        section, key = name.split(".")
+        section_type, converters = _SECTIONS[section]
+        default = getattr(section_type(), key)
+        flag = flags.get(name)
+        if flag is None:
+            options: Tuple[str, ...] = ()
+            help_text = _FILE_ONLY_HELP.get(name, "")
+        else:
+            options = flag.options[:1]
+            if flag.metavar is None:
+                options += ("--no-" + flag.options[0][2:],)
+            help_text = flag.help
+        entries.append(
+            KeyReference(
+                name=name,
+                default="unset" if default is None else _show(name, default),
+                accepts=getattr(converters[key], "accepts", ""),
+                options=options,
+                metavar=flag.metavar if flag else None,
+                help=help_text,
+            )
+        )
+    return entries
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -502,6 +611,8 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
 
     if not values["postgres.cache_path"]:
         values["postgres.cache_path"] = _default_spool_path(environ)
+    if not values["server.node"]:
+        values["server.node"] = socket.gethostname()
     sections = {
         section: section_type(**{key: values[f"{section}.{key}"] for key in converters})
         for section, (section_type, converters) in _SECTIONS.items()

@@ -27,7 +27,7 @@ def pg(pg_cluster: PgCluster) -> Iterator[PgCluster]:
     """The cluster, running, with an empty ``can_frame`` (a drill may have left it stopped)."""
     if not (pg_cluster.datadir / "postmaster.pid").exists():
         pg_cluster.start()
-    pg_cluster.psql("-c", "truncate public.can_frame restart identity")
+    pg_cluster.psql("-c", "truncate public.can_frame, public.can_inventory restart identity")
     yield pg_cluster
 
 
@@ -37,13 +37,13 @@ def make_writer(tmp_path: Path) -> Iterator[Callable[..., PgWriter]]:
     (``statement_timeout_s`` goes to the writer itself)."""
     writers: List[PgWriter] = []
 
-    def make(dsn: str, default_dir: str = "rx", **settings: object) -> PgWriter:
+    def make(dsn: str, default_dir: str = "rx", node: str = "", **settings: object) -> PgWriter:
         settings = {"flush_interval": 0.05, "cache_path": str(tmp_path / "spool.db"), **settings}
         timeouts = {}
         if "statement_timeout_s" in settings:
             timeouts["statement_timeout_s"] = settings.pop("statement_timeout_s")
         cfg = dataclasses.replace(PostgresConfig(), enable=True, dsn=dsn, **settings)
-        writer = PgWriter(cfg, default_dir, **timeouts)
+        writer = PgWriter(cfg, default_dir, node=node, **timeouts)
         writer.start()
         writers.append(writer)
         return writer

@@ -75,9 +75,9 @@ SPILL_FRACTION = HIGH_WATER_MARKS[0]
 # A statement running longer than this is "holding the writer up": the keeper moves the queue to
 # the spool meanwhile, so frames reach the disk within about a second of a database going away.
 SLOW_STATEMENT_S = 1.0
-# Frames that have waited this long in the queue (a writer that falls behind the bus, a burst)
-# go to the spool, where a crash or a power cut cannot take them. Shorter costs a healthy writer
-# the spool's detour on every burst it would have cleared in time.
+# Frames that have waited this long in a queue that is not shrinking (a writer that falls behind
+# the bus) go to the spool, where a crash or a power cut cannot take them. A queue the writer is
+# clearing (the tail of a burst) stays: the spool's detour would halve the writer's speed.
 MEMORY_WAIT_S = 1.0
 KEEPER_TICK_S = 0.2
 SPOOL_CHUNK_ROWS = 20_000
@@ -126,14 +126,18 @@ class _SpoolStuck(Exception):
 
 
 def connect(
-    dsn: str, statement_timeout_s: float = STATEMENT_TIMEOUT_S
+    dsn: str, statement_timeout_s: float = STATEMENT_TIMEOUT_S, node: Optional[str] = None
 ) -> psycopg2.extensions.connection:
-    """A connection with the writer's application name, timeouts and keepalives."""
+    """A connection with the writer's application name, timeouts and keepalives; ``node`` fills
+    the node column of a partitioned can_frame (init_schema.sql), which a plain table lacks: the
+    rows the writer sends are the same for both."""
     params = psycopg2.extensions.parse_dsn(dsn) if dsn else {}
     extra = {key: value for key, value in CONNECTION_DEFAULTS.items() if key not in params}
     conn = psycopg2.connect(dsn, application_name=APPLICATION_NAME, **extra)
     with conn.cursor() as cur:
         cur.execute("SET statement_timeout = %s", (f"{int(statement_timeout_s * 1000)}ms",))
+        if node:
+            cur.execute("SELECT set_config('wiretap.node', %s, false)", (node,))
     conn.commit()
     return conn
 
@@ -194,8 +198,10 @@ class PgWriter:
         settings: WriterSettings,
         default_dir: str,
         statement_timeout_s: float = STATEMENT_TIMEOUT_S,
+        node: Optional[str] = None,
     ) -> None:
         self._dsn = settings.dsn or ""
+        self._node = node or socket.gethostname()
         self._mode = settings.mode
         self._func = settings.func
         self._batch_size = settings.batch_size
@@ -235,6 +241,7 @@ class PgWriter:
         self._unsettled: Optional[Tuple[Intent, bool]] = None  # a settle to try again
         self._resolve_needed = True  # after every (re)connect: intents a failure may have left
 
+        self._queued_before = 0  # the queue's length at the keeper's previous look
         self._marks = [int(self._queue_size * fraction) for fraction in HIGH_WATER_MARKS]
         self._next_mark = 0
         self._spill_level = int(self._queue_size * SPILL_FRACTION)
@@ -408,10 +415,13 @@ class PgWriter:
     def _spool_waiting(self, final: bool) -> None:
         """Move frames the writer cannot take to the spool: all of them when the database is
         away, a statement holds the writer up, the spool has a backlog to drain first, frames
-        have waited more than ``MEMORY_WAIT_S``, or the writer is done; down to half the queue
-        when it is above the spill level. So frames wait in memory about a second at most,
-        unless the spool is full."""
+        have waited more than ``MEMORY_WAIT_S`` in a queue that is not shrinking, or the writer
+        is done; down to half the queue when it is above the spill level. So frames wait in
+        memory about a second at most, unless the spool is full or the writer is clearing a
+        burst."""
         ledger = self.ledger
+        shrinking = ledger.queued < self._queued_before
+        self._queued_before = ledger.queued
         if not ledger.queued:
             if self._next_mark:
                 self._next_mark = 0
@@ -421,7 +431,7 @@ class PgWriter:
             final
             or self._outage
             or ledger.spooled  # a backlog drains first: new frames wait on disk behind it
-            or ledger.oldest_wait() > MEMORY_WAIT_S
+            or (ledger.oldest_wait() > MEMORY_WAIT_S and not shrinking)
             or (started is not None and time.monotonic() - started > SLOW_STATEMENT_S)
             or (self._stopping.is_set() and self._conn is None)
             or (self._stopping.is_set() and time.monotonic() >= self._writer_deadline)
@@ -707,7 +717,7 @@ class PgWriter:
     def _connect(self) -> None:
         self.connects += 1
         try:
-            conn = connect(self._dsn, self._statement_timeout_s)
+            conn = connect(self._dsn, self._statement_timeout_s, self._node)
         except psycopg2.Error as error:
             self._lose_connection(diagnose(error))
             return

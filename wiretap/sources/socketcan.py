@@ -18,6 +18,7 @@ import collections
 import contextlib
 import errno
 import logging
+import os
 import select
 import socket
 import struct
@@ -409,6 +410,15 @@ class SocketCanSource(Source):
         self.refresh_link()  # the kernel announces it too, when the interface comes back up
         return f"{self.name} set to {bitrate} bit/s with ip link"
 
+    def _lose_link_watch(self, reason: str) -> None:
+        log.warning(
+            "%s: no more news of the interface from the kernel (%s); clients are told what was "
+            "last known",
+            self.name,
+            reason,
+        )
+        self._close_link_watch()
+
     def _check_down_at_open(self) -> None:
         if _operstate(self.name) == "down" and not self._down:
             self._down = True
@@ -422,9 +432,11 @@ class SocketCanSource(Source):
         poller.register(sock, select.POLLIN)
         poller.register(self._wake_reader, select.POLLIN)
         watch = self._link_watch
-        link_fd = -1
-        if watch is not None:
-            link_fd = watch.fileno()
+        link_fd = -1 if watch is None else watch.fileno()
+        if link_fd < 0 and watch is not None:
+            self._lose_link_watch(os.strerror(errno.EBADF))  # closed before this read began
+            watch = None
+        elif watch is not None:
             poller.register(link_fd, select.POLLIN)
         can_fd = sock.fileno()
         recvmsg = sock.recvmsg
@@ -437,14 +449,8 @@ class SocketCanSource(Source):
                 try:
                     self._on_link_events(watch.read())
                 except OSError as exc:
-                    log.warning(
-                        "%s: no more news of the interface from the kernel (%s); clients are "
-                        "told what was last known",
-                        self.name,
-                        exc.strerror or exc,
-                    )
                     poller.unregister(link_fd)
-                    self._close_link_watch()
+                    self._lose_link_watch(exc.strerror or str(exc))
                     watch = None
             if not any(fd == can_fd for fd, _ in ready):
                 continue
