@@ -107,7 +107,8 @@ def serve(conn: Connection, argv: List[str], reader_end: socket.socket, pg_spool
     source = SocketCanSource("can0", 0, open_socket=lambda: reader_end, open_link=open_link_socket)
     app = App(config, sources=[source])
     app.start()
-    conn.send({"port": app.port, "start_ns": app.start_ns})
+    status_port = app.status.port if app.status is not None else None
+    conn.send({"port": app.port, "start_ns": app.start_ns, "status_port": status_port})
     while True:
         command = conn.recv()
         if command == "counters":
