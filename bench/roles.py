@@ -141,7 +141,8 @@ def serve(
     source = SocketCanSource("can0", 0, open_socket=lambda: reader_end, open_link=open_link_socket)
     app = App(config, sources=[source])
     app.start()
-    conn.send({"port": app.port, "start_ns": app.start_ns})
+    status_port = app.status.port if app.status is not None else None
+    conn.send({"port": app.port, "start_ns": app.start_ns, "status_port": status_port})
     while True:
         command = conn.recv()
         if command == "counters":

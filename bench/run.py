@@ -7,6 +7,7 @@ bench/roles.py; the throw-away PostgreSQL comes from tests/pgcluster.py.
     python bench/run.py                 # full run (a few minutes), PostgreSQL figures included
     python bench/run.py --quick         # smoke run (< 30 s): loss must be 0 at a modest rate
     python bench/run.py --no-pg --json figures.json
+    python bench/run.py --status        # the status listener's cost: off beside on, a page open
     python bench/run.py --low-rate      # only the low-rate section (about 2 minutes)
     python bench/run.py --savvycan      # a model SavvyCAN at 1x and 5x a saturated bus (~90 s)
     python bench/run.py --cpu --cpu-trees ../old .   # CPU per frame by stage, two commits
@@ -31,7 +32,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -41,6 +44,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from bench import roles  # noqa: E402
 
+STATUS_CPU_FPS = 20_000  # the fixed rate at which --status compares the server's CPU
 BUS_FPS = 8700  # a saturated 1 Mbit/s classic CAN bus with 8-byte frames
 ACHIEVED_FRACTION = 0.97
 DRAIN_IDLE_S = 2.0
@@ -160,6 +164,7 @@ class Rig:
         info = self.server_conn.recv()
         self.port: int = info["port"]
         self.start_ns: int = info["start_ns"]
+        self.status_port: Optional[int] = info.get("status_port")
         self.connected = 0
         self.next_seq = 0
 
@@ -373,6 +378,81 @@ def measure_memory(rig: Rig, rate: int, seconds: int) -> Dict[str, object]:
         "cycles_rss_change_pct": 100 * (after - before) / before,
         "cycles_lossless": phase.lossless,
     }
+
+
+class PageReader:
+    """What an open status page costs the server: the page once, then ``/status`` every 2 s
+    (the page's own refresh), plus a Prometheus scrape of ``/metrics`` every 2 s."""
+
+    def __init__(self, port: int) -> None:
+        self.base = f"http://127.0.0.1:{port}/"
+        self.requests = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _get(self, path: str) -> None:
+        with urllib.request.urlopen(self.base + path, timeout=10) as response:
+            response.read()
+        self.requests += 1
+
+    def _run(self) -> None:
+        self._get("")
+        while not self._stop.wait(2.0):
+            self._get("status")
+            self._get("metrics")
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(15)
+        return self.requests
+
+
+def run_status(args: argparse.Namespace, work: Path) -> Dict[str, object]:
+    """max_fps and server CPU at a fixed rate with 4 clients, the status listener off and on
+    (with a page open and a scrape every 2 s), alternating, ``args.repeats`` rounds."""
+    rounds: List[Dict[str, object]] = []
+    for number in range(args.repeats):
+        for label, extra in (("off", []), ("on", ["--status-listen", "127.0.0.1:0"])):
+            rig = Rig(extra, args.log_level, str(work / f"spool-status-{label}-{number}.db"))
+            reader = None
+            try:
+                rig.connect(4)
+                if rig.status_port is not None:
+                    reader = PageReader(rig.status_port)
+                best = find_max_fps(rig, args.seconds)
+                _log(f"status {label}: max_fps {best.achieved_fps:,.0f}")
+                fixed = rig.feed(STATUS_CPU_FPS, int(STATUS_CPU_FPS * args.seconds))
+                _log(f"status {label}: at {STATUS_CPU_FPS:,} fps: " + _show(fixed))
+                rounds.append({
+                    "status": label, "max_fps": best.achieved_fps, "limit": best.limit,
+                    "max_fps_cpu_pct": best.server_cpu_pct, "fixed_fps": fixed.achieved_fps,
+                    "fixed_cpu_pct": fixed.server_cpu_pct,
+                    "lossless": best.lossless and fixed.lossless,
+                    "page_requests": reader.stop() if reader else 0,
+                })  # fmt: skip
+            finally:
+                if reader is not None:
+                    reader.stop()
+                rig.close()
+    return {"mode": "status", "status_rounds": rounds}
+
+
+def status_table(figures: Dict[str, object]) -> str:
+    lines = [
+        f"machine: {figures['machine']}",
+        "",
+        "| status listener | max_fps, 4 clients | server CPU at max | server CPU at "
+        f"{STATUS_CPU_FPS:,} fps | lossless | page/scrape requests |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in figures["status_rounds"]:
+        label = "on, page open + scrape" if r["status"] == "on" else "off"
+        lines.append(
+            f"| {label} | {r['max_fps']:,.0f} | {r['max_fps_cpu_pct']:.0f} % | "
+            f"{r['fixed_cpu_pct']:.1f} % | {r['lossless']} | {r['page_requests']} |"
+        )
+    return "\n".join(lines)
 
 
 def run_quick(args: argparse.Namespace, work: Path) -> Dict[str, object]:
@@ -1025,6 +1105,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run (< 30 s)")
     parser.add_argument(
+        "--status",
+        action="store_true",
+        help="only the status listener's cost: max_fps and CPU with it off and on, a page open",
+    )
+    parser.add_argument(
         "--low-rate", action="store_true", help="only the low-rate section (about 2 minutes)"
     )
     parser.add_argument(
@@ -1112,7 +1197,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="wiretap-bench-") as work:
         figures = {"machine": machine()}
         figures["machine"]["seam_queue"] = int(MAX_DGRAM_QLEN.read_text()) + 1
-        if args.savvycan:
+        if args.status:
+            figures.update(run_status(args, Path(work)))
+        elif args.savvycan:
             figures.update(run_savvycan(args, Path(work)))
         elif args.quick:
             figures.update(run_quick(args, Path(work)))
@@ -1122,7 +1209,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             figures.update({"mode": "low-rate"}, **run_low_rate(args, Path(work)))
         else:
             figures.update(run_full(args, Path(work)))
-    print(table(figures))
+    print(status_table(figures) if args.status else table(figures))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2, default=str) + "\n")
     if figures["mode"] == "quick":

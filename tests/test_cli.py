@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Dict, List
 import pytest
 
 import wiretap
+from wiretap import buildinfo
 from wiretap.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,7 +74,7 @@ def test_check_config_reports_every_error_and_exits_2(tmp_path: Path) -> None:
 def test_python_dash_m_prints_the_version(tmp_path: Path) -> None:
     result = run([sys.executable, "-m", "wiretap", "--version"], cwd=REPO, extra_env={})
     assert result.returncode == 0
-    assert result.stdout == f"wiretap-server {wiretap.__version__}\n"
+    assert result.stdout == f"{buildinfo.describe()}\n"
 
 
 def test_entry_point_works_through_a_symlink(tmp_path: Path) -> None:
@@ -80,7 +82,7 @@ def test_entry_point_works_through_a_symlink(tmp_path: Path) -> None:
     link.symlink_to(ENTRY_POINT)
     result = run([str(link), "--version"], cwd=tmp_path, extra_env={})
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"wiretap-server {wiretap.__version__}\n"
+    assert result.stdout == f"{buildinfo.describe()}\n"
 
 
 def test_entry_point_is_an_executable_python3_script() -> None:
@@ -107,7 +109,7 @@ def test_main_reports_an_unknown_flag_as_a_config_error(capsys: pytest.CaptureFi
 
 def test_main_version_and_help_return_0(capsys: pytest.CaptureFixture) -> None:
     assert main(["--version"]) == 0
-    assert capsys.readouterr().out == f"wiretap-server {wiretap.__version__}\n"
+    assert capsys.readouterr().out == f"{buildinfo.describe()}\n"
     assert main(["--help"]) == 0
     help_text = capsys.readouterr().out
     for flag in ("--iface", "--pg-func", "--check-config", "--allow", "--replay-loop"):
@@ -125,6 +127,66 @@ def test_main_check_config_prints_describe(
     lines = capsys.readouterr().out.splitlines()
     assert "port = 0" in lines
     assert 'cache_path = "/home/pi/.local/state/wiretap-server/wiretap-spool.db"' in lines
+
+
+@pytest.mark.skipif(
+    not (REPO / ".git").exists() or shutil.which("git") is None,
+    reason="not a git checkout (a copy of the files), or no git",
+)
+def test_version_names_the_git_commit_of_a_checkout() -> None:
+    head = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert buildinfo.commit() == head
+    assert buildinfo.describe() == f"wiretap-server {wiretap.__version__} (commit {head})"
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="no git")
+def test_commit_is_read_from_loose_refs_packed_refs_and_worktrees(tmp_path: Path) -> None:
+    def git(*args: str, cwd: Path) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git("init", "-q", "-b", "main", cwd=repo)
+    (repo / "f").write_text("x")
+    git("add", "f", cwd=repo)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one", cwd=repo)
+    head = git("rev-parse", "HEAD", cwd=repo)
+    assert buildinfo._from_git(repo) == head[:12]
+    git("pack-refs", "--all", cwd=repo)
+    assert not (repo / ".git" / "refs" / "heads" / "main").exists()
+    assert buildinfo._from_git(repo) == head[:12]
+    git("worktree", "add", "-q", "-b", "side", str(tmp_path / "wt"), cwd=repo)
+    assert buildinfo._from_git(tmp_path / "wt") == head[:12]
+    git("checkout", "-q", "--detach", cwd=repo)
+    assert buildinfo._from_git(repo) == head[:12]
+
+
+def test_a_copy_without_git_reads_the_commit_written_at_install(tmp_path: Path) -> None:
+    assert buildinfo._from_git(tmp_path) == ""
+    assert buildinfo._from_file(tmp_path / "BUILD_COMMIT") == ""
+    (tmp_path / "BUILD_COMMIT").write_text("0123456789ab\n")
+    assert buildinfo._from_file(tmp_path / "BUILD_COMMIT") == "0123456789ab"
+
+
+def test_a_copy_without_git_or_commit_file_says_unknown(tmp_path: Path) -> None:
+    copy = tmp_path / "wiretap-server"
+    copy.mkdir()
+    for name in ("wiretap-server.py", "wiretap"):
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, copy / name, ignore=shutil.ignore_patterns("BUILD_COMMIT"))
+        else:
+            (copy / name).write_bytes(source.read_bytes())
+    result = run([sys.executable, str(copy / "wiretap-server.py"), "--version"], tmp_path, {})
+    assert result.stdout == f"wiretap-server {wiretap.__version__} (commit unknown)\n"
+    (copy / "wiretap" / "BUILD_COMMIT").write_text("feedc0ffee12\n")
+    result = run([sys.executable, str(copy / "wiretap-server.py"), "--version"], tmp_path, {})
+    assert result.stdout == f"wiretap-server {wiretap.__version__} (commit feedc0ffee12)\n"
 
 
 def test_a_record_logged_after_main_returned_goes_to_the_stderr_of_that_moment(

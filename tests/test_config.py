@@ -18,8 +18,10 @@ from wiretap.config import (
     LoggingConfig,
     PostgresConfig,
     ServerConfig,
+    StatusConfig,
     load_config,
     mask_dsn,
+    split_listen,
 )
 
 if sys.version_info >= (3, 11):
@@ -71,6 +73,7 @@ def test_key_table_covers_every_dataclass_field() -> None:
             ("server", ServerConfig),
             ("postgres", PostgresConfig),
             ("logging", LoggingConfig),
+            ("status", StatusConfig),
         )
         for field in dataclasses.fields(section_type)
     ]
@@ -360,7 +363,7 @@ def test_top_level_key_is_an_error(tmp_path: Path) -> None:
     errors = errors_of(tmp_path, "port = 23\n[server]\n")
     assert errors == [
         f"unknown top-level key port in {tmp_path / 'wiretap-server.toml'}: keys belong in a "
-        "[server], [postgres] or [logging] section (did you mean server.port?)"
+        "[server], [postgres], [logging] or [status] section (did you mean server.port?)"
     ]
 
 
@@ -459,3 +462,25 @@ def test_a_replay_log_that_cannot_be_read_is_a_configuration_error(tmp_path):
 @pytest.mark.parametrize("host", ["0.0.0.0", "127.0.0.1", "::", "::1", "localhost", "pi-4.local"])
 def test_listen_host_accepts_addresses_and_host_names(tmp_path: Path, host: str) -> None:
     assert load(tmp_path, None, ["--host", host]).server.host == host
+
+
+@pytest.mark.parametrize(
+    "given, address",
+    [("127.0.0.1:8023", ("127.0.0.1", 8023)), ("8023", ("127.0.0.1", 8023)),
+     ("0.0.0.0:80", ("0.0.0.0", 80)), ("[::1]:9000", ("::1", 9000))],
+)  # fmt: skip
+def test_status_listen_takes_address_port_or_a_port_on_loopback(given, address) -> None:
+    config = load_config(["--status-listen", given], {})
+    assert config.status.listen == given
+    assert split_listen(given) == address
+
+
+@pytest.mark.parametrize("given", ["localhost:8023", "127.0.0.1", "1.2.3.4:99999", ":80", "x"])
+def test_status_listen_rejects_what_cannot_be_bound(given) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config(["--status-listen", given], {})
+    assert raised.value.errors[0].startswith(f"status.listen = {given} (from --status-listen): ")
+
+
+def test_status_listener_is_off_unless_configured() -> None:
+    assert load_config([], {}).status.listen == ""

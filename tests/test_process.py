@@ -138,7 +138,8 @@ def test_stats_line_reports_what_was_read(processes, tmp_path):
     line = next((line for line in server.lines if " rx=3 " in line), "\n".join(server.lines))
     assert re.search(
         r"stats rx=3 fps=[\d.]+ clients=0 client_drops=0 kernel_drops=0 tx=0 tx_fail=0 "
-        r"queued=0 enq=0 wrote=0 dropped=0 spooled=0 conn=0 carried=0 outside=0 node=[\w.:-]+$",
+        r"queued=0 enq=0 wrote=0 dropped=0 spooled=0 conn=0 carried=0 outside=0 node=[\w.:-]+ "
+        r"error_frames=0 bus_off=0$",
         line,
     ), line
     assert server.stop() == 0

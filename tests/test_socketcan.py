@@ -123,7 +123,7 @@ def test_error_frames_are_counted_not_published_and_bus_off_logged_once(bus_fact
         source.join(5)
     assert source.error_frames == 3
     assert [r.getMessage() for r in caplog.records if "bus-off" in r.getMessage()] == [
-        "can0: controller is bus-off"
+        "can0: bus-off (tx errors 256)"
     ]
 
 
@@ -234,7 +234,7 @@ def test_error_passive_and_recovery_are_logged_once_each(bus_factory, caplog):
     )
     restarted = CAN_FRAME.pack(CAN_ERR_FLAG | CAN_ERR_RESTARTED, 8, 0, bytes(8))
     try:
-        with caplog.at_level(logging.WARNING, logger="wiretap.socketcan"):
+        with caplog.at_level(logging.INFO, logger="wiretap.socketcan"):
             for raw in (passive, passive, restarted, restarted):
                 bus.send_raw(raw)
             bus.send(make_frame(0, 0x100, b"\x01"))
@@ -242,9 +242,9 @@ def test_error_passive_and_recovery_are_logged_once_each(bus_factory, caplog):
     finally:
         source.stop()
         source.join(5)
-    assert [r.getMessage() for r in caplog.records] == [
-        "can0: controller is error-passive",
-        "can0: controller is active",
+    assert [r.getMessage() for r in caplog.records if "error-" in r.getMessage()] == [
+        "can0: error-passive (tx errors 0, rx errors 0)",
+        "can0: error-active again after error-passive (tx errors 0, rx errors 0)",
     ]
     assert source.error_frames == 4
 
@@ -361,6 +361,93 @@ def test_a_seam_source_is_not_reconfigured() -> None:
         source.set_bitrate(250_000)
     a.close()
     b.close()
+
+
+def test_every_can_state_change_is_one_line_with_the_counters(bus_factory, caplog):
+    from wiretap.frames import CAN_ERR_CRTL
+    from wiretap.sources.socketcan import (
+        CAN_ERR_CNT,
+        CAN_ERR_CRTL_ACTIVE,
+        CAN_ERR_CRTL_TX_PASSIVE,
+        CAN_ERR_CRTL_TX_WARNING,
+        CAN_ERR_RESTARTED,
+    )
+
+    def controller(status: int, tec: int, rec: int) -> bytes:
+        data = bytes([0, status, 0, 0, 0, 0, tec, rec])
+        return CAN_FRAME.pack(CAN_ERR_FLAG | CAN_ERR_CRTL | CAN_ERR_CNT, 8, 0, data)
+
+    bus = bus_factory()
+    source = SocketCanSource("can0", 0, open_socket=lambda: bus.reader_end)
+    source._restart_ms = 100  # what `ip -details link` says as restart-ms
+    source._state_log.interval = 0  # every change, however quick (the flapping test limits)
+    collector = started(source)
+    sequence = [
+        controller(CAN_ERR_CRTL_TX_WARNING, 96, 3),
+        controller(CAN_ERR_CRTL_TX_WARNING, 97, 3),  # same state: counters only
+        controller(CAN_ERR_CRTL_TX_PASSIVE, 128, 4),
+        CAN_FRAME.pack(CAN_ERR_FLAG | CAN_ERR_BUSOFF, 8, 0, bytes(8)),
+        CAN_FRAME.pack(CAN_ERR_FLAG | CAN_ERR_RESTARTED, 8, 0, bytes(8)),
+        controller(CAN_ERR_CRTL_TX_WARNING, 100, 0),
+        controller(CAN_ERR_CRTL_ACTIVE, 20, 1),
+    ]
+    seen = []
+    try:
+        with caplog.at_level(logging.INFO, logger="wiretap.socketcan"):
+            for number, raw in enumerate(sequence):
+                bus.send_raw(raw)
+                bus.send(make_frame(0, 0x100 + number, b""))
+                wait_until(lambda n=number: len(collector.frames) == n + 1)
+                seen.append(source.health(0)[1:6])
+    finally:
+        source.stop()
+        source.join(5)
+    assert [
+        (r.levelname, r.getMessage()) for r in caplog.records if "errors" in r.getMessage()
+    ] == [
+        ("WARNING", "can0: error-warning (tx errors 96, rx errors 3)"),
+        ("WARNING", "can0: error-passive (tx errors 128, rx errors 4)"),
+        ("WARNING", "can0: bus-off (tx errors 256), restarting in 100 ms"),
+        ("INFO", "can0: error-active again after bus-off (tx errors 0, rx errors 0)"),
+        ("WARNING", "can0: error-warning (tx errors 100, rx errors 0)"),
+        ("INFO", "can0: error-active again after error-warning (tx errors 20, rx errors 1)"),
+    ]
+    # (state, tx errors, rx errors, error frames, bus-off count) after each error frame
+    assert seen == [
+        ("error-warning", 96, 3, 1, 0),
+        ("error-warning", 97, 3, 2, 0),
+        ("error-passive", 128, 4, 3, 0),
+        ("bus-off", 256, 4, 4, 1),
+        ("error-active", 0, 0, 5, 1),
+        ("error-warning", 100, 0, 6, 1),
+        ("error-active", 20, 1, 7, 1),
+    ]
+    assert source.counters()["bus_off"] == 1
+
+
+def test_a_flapping_bus_logs_each_state_once_per_interval(bus_factory, caplog):
+    from wiretap.frames import CAN_ERR_CRTL
+    from wiretap.sources.socketcan import CAN_ERR_CRTL_ACTIVE, CAN_ERR_CRTL_RX_WARNING
+
+    bus = bus_factory()
+    source = SocketCanSource("can0", 0, open_socket=lambda: bus.reader_end)
+    collector = started(source)
+    try:
+        with caplog.at_level(logging.INFO, logger="wiretap.socketcan"):
+            for status in [CAN_ERR_CRTL_RX_WARNING, CAN_ERR_CRTL_ACTIVE] * 50:
+                data = bytes([0, status]) + bytes(6)
+                bus.send_raw(CAN_FRAME.pack(CAN_ERR_FLAG | CAN_ERR_CRTL, 8, 0, data))
+            bus.send(make_frame(0, 0x100, b""))
+            wait_until(lambda: len(collector.frames) == 1)
+    finally:
+        source.stop()
+        source.join(5)
+    assert [r.getMessage() for r in caplog.records if "errors" in r.getMessage()] == [
+        "can0: error-warning (tx errors 0, rx errors 0)",
+        "can0: error-active again after error-warning (tx errors 0, rx errors 0)",
+    ]
+    assert source.error_frames == 100
+    assert source._state_log.suppressed_total == 98
 
 
 @pytest.mark.parametrize("broken", ["while reading", "before the first read"])

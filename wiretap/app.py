@@ -18,16 +18,19 @@ import threading
 import time
 from typing import Callable, Dict, List, Mapping, Optional
 
-from . import gvret
+from . import facts, gvret
 from .broker import Broker
-from .config import GVRET_BUS_COUNT, REPLAY_PREFIX, Config
+from .config import GVRET_BUS_COUNT, REPLAY_PREFIX, Config, split_listen
 from .console import ConsoleEcho
 from .frames import Frame
+from .meter import BusMeter
 from .server import Beacon, ClientHub, GvretServer
 from .sources import Source, TransmitResult
 from .sources.replay import ReplaySource
 from .sources.socketcan import SocketCanSource
-from .stats import StatsReporter
+from .stats import StatsReporter, format_line
+from .status import StatusServer
+from .systemd import Notifier
 
 log = logging.getLogger("wiretap.app")
 
@@ -91,6 +94,7 @@ class App:
         config: Config,
         socket_factories: Optional[Mapping[str, SocketFactory]] = None,
         sources: Optional[List[Source]] = None,
+        environ: Optional[Mapping[str, str]] = None,
     ) -> None:
         self.config = config
         self.start_ns = time.time_ns()
@@ -126,8 +130,20 @@ class App:
                 config.postgres.retention_days,
             )
         self.server = self._bind()
+        self.meter: Optional[BusMeter] = None
+        self.status: Optional[StatusServer] = None
+        if config.status.listen:
+            self.meter = BusMeter()
+            self.broker.register(self.meter)
+            self.status = self._bind_status(config.status.listen)
         self.beacon = Beacon(config.server.beacon_address) if config.server.beacon else None
         self.stats = StatsReporter(config.logging.stats_interval, self.counters)
+        status_stats = StatsReporter(0, self.counters)  # its own fps, apart from the log line's
+        self.systemd = Notifier(
+            os.environ if environ is None else environ,
+            heartbeat=self.broker.last_sign_of_life,
+            status_line=lambda: format_line(status_stats.snapshot()).removeprefix("stats "),
+        )
         self._server_thread = threading.Thread(
             target=self.server.serve_forever, args=(0.25,), name="gvret-accept", daemon=True
         )
@@ -165,6 +181,16 @@ class App:
             else:
                 message = f"cannot listen on {where}: {exc.strerror or exc}"
             raise StartupError(message) from exc
+
+    def _bind_status(self, listen: str) -> StatusServer:
+        try:
+            address = split_listen(listen)
+            return StatusServer(address, lambda: facts.collect(self), self.config.server.allow)
+        except OSError as exc:
+            self.server.server_close()
+            raise StartupError(
+                f"cannot listen on {listen} for the status page: {exc.strerror or exc}"
+            ) from exc
 
     def bus_params(self, bus: int) -> gvret.BusParams:
         source = self.bus_to_source.get(bus)
@@ -241,7 +267,15 @@ class App:
         self._server_thread.start()
         if self.beacon is not None:
             self.beacon.start()
+        if self.status is not None:
+            self.status.start()
+            log.info(
+                "status page on http://%s:%d/ (metrics at /metrics)",
+                *self.status.server_address[:2],
+            )
         self.stats.start()
+        self.systemd.ready(f"listening on {self.config.server.host}:{self.port}")
+        self.systemd.start()
 
     def stop(self, timeout: float = SHUTDOWN_S) -> None:
         """Stop reading, deliver what was read, close clients, flush the database; all within
@@ -251,6 +285,10 @@ class App:
         def budget(at_most: float) -> float:
             return max(0.1, min(at_most, deadline - time.monotonic()))
 
+        self.systemd.stopping()
+        self.systemd.stop()
+        if self.status is not None:
+            self.status.stop(budget(1.0))
         self.stats.stop()
         if self.beacon is not None:
             self.beacon.stop()

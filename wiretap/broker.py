@@ -1,8 +1,9 @@
 """The broker: one queue from every source, one dispatcher thread, many consumers.
 
 Owns: the ``queue.Queue`` that readers hand batches of frames to, the dispatcher thread that
-offers each batch to every registered consumer, and :class:`Mailbox`, the bounded per-consumer
-buffer with its drop counter and rate-limited "not keeping up" log line. A consumer's
+offers each batch to every registered consumer (stamping ``heartbeat`` each time round, idle or
+not, so a wedged dispatcher can be told from a quiet one), and :class:`Mailbox`, the bounded
+per-consumer buffer with its drop counter and rate-limited "not keeping up" log line. A consumer's
 ``deliver`` must never block: whatever it cannot take it drops and counts, so one slow consumer
 costs frames for itself only.
 
@@ -24,7 +25,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable, Deque, List, Protocol, Sequence
+from typing import Callable, Deque, List, Optional, Protocol, Sequence
 
 from .frames import Frame
 
@@ -39,6 +40,9 @@ MAX_DELIVERY = 2048  # frames per delivery: well inside a client's outbox (~13,0
 # Frames read but not yet dispatched, at most: ~28 s of a saturated 1 Mbit/s bus, ~50 MB. Only a
 # dispatcher that stopped keeping up (a consumer breaking the never-block rule) gets near it.
 MAX_QUEUED_FRAMES = 250_000
+# The dispatcher wakes at least this often when the buses are quiet, so that ``heartbeat`` shows
+# it is alive (the systemd watchdog is fed from it).
+HEARTBEAT_S = 0.5
 
 
 class Consumer(Protocol):
@@ -134,6 +138,8 @@ class Broker:
         self._thread = threading.Thread(target=self._dispatch, name="dispatcher", daemon=True)
         self.frames_in = 0
         self.overflow = DropReporter("broker")
+        self.heartbeat = time.monotonic()  # when the dispatcher last went round its loop
+        self._delivery_started: Optional[float] = None
 
     @property
     def pending(self) -> int:
@@ -204,6 +210,7 @@ class Broker:
         last_delivery = float("-inf")
         backlog = False  # the last delivery was cut at MAX_DELIVERY: no pause before the next
         while not stopping:
+            self.heartbeat = time.monotonic()
             if self._busy_now and not backlog:
                 # Busy: at most one delivery per COALESCE_S, so that each consumer wakes (and
                 # each client is written to) once per few ms, not once per frame. The rest of
@@ -215,7 +222,10 @@ class Broker:
             try:
                 frames = get_nowait()
             except queue.Empty:
-                frames = get()
+                try:
+                    frames = get(timeout=HEARTBEAT_S)
+                except queue.Empty:
+                    continue
                 if frames is not None and len(frames) < COALESCE_BELOW and self._busy_now:
                     # Woken by a small batch of a busy bus: let the next reads join it. (On a
                     # quiet bus a batch is queued only when another reader was delivering.)
@@ -244,8 +254,22 @@ class Broker:
                     self._queued_frames -= len(frames)
                     self._queued_batches -= batches
 
+    def last_sign_of_life(self) -> float:
+        """When a delivery now under way began (in a reader or the dispatcher), else when the
+        dispatcher last went round its loop: how a wedged consumer shows, whichever thread it
+        holds (the systemd watchdog is fed from this)."""
+        started = self._delivery_started
+        return self.heartbeat if started is None else started
+
     def _deliver(self, frames: Sequence[Frame]) -> None:
         self._last_delivery = self._clock()
+        self._delivery_started = time.monotonic()
+        try:
+            self._deliver_to_all(frames)
+        finally:
+            self._delivery_started = None
+
+    def _deliver_to_all(self, frames: Sequence[Frame]) -> None:
         self.frames_in += len(frames)
         for consumer in self._consumers:
             try:

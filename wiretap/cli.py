@@ -14,6 +14,7 @@ import sys
 from types import ModuleType
 from typing import Optional, Sequence, TextIO
 
+from wiretap import buildinfo
 from wiretap.config import Config, ConfigError, parse_args, resolve
 from wiretap.logqueue import LogQueue
 
@@ -59,6 +60,7 @@ def _run(args: argparse.Namespace, config: Config, app: ModuleType) -> int:
     if args.check_config:
         print(config.describe(), end="")
         return _check_database(config) if config.postgres.enable else 0
+    logging.getLogger("wiretap").info("%s starting", buildinfo.describe())
     return app.run(config, sources)
 
 

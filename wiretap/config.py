@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-from wiretap import __version__
+from wiretap import buildinfo
 from wiretap.pg.names import SQL_FUNCTION_NAME, mask_dsn
 
 if sys.version_info >= (3, 11):
@@ -80,6 +80,11 @@ class PostgresConfig:
 
 
 @dataclass(frozen=True)
+class StatusConfig:
+    listen: str = ""  # "" = no status listener; "8023" = 127.0.0.1:8023
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "INFO"
     stats_interval: float = 60
@@ -90,6 +95,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     postgres: PostgresConfig = field(default_factory=PostgresConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
 
     def describe(self) -> str:
         """The resolved configuration as TOML, DSN password masked (``--check-config``)."""
@@ -331,6 +337,38 @@ def _networks(value: Any, textual: bool) -> Tuple[str, ...]:
     return tuple(entries)
 
 
+def split_listen(value: str) -> Tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or a bare port (on loopback) as ``(host, port)``;
+    ValueError if it is none of them."""
+    if value.isdigit():
+        host, port = "127.0.0.1", value
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(value)
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        ipaddress.ip_address(host)
+    if not 0 <= int(port) <= 65535:
+        raise ValueError(value)
+    return host, int(port)
+
+
+@_accepts('`"ADDRESS:PORT"`, a port (on 127.0.0.1), or `""` (off)')
+def _listen_address(value: Any, textual: bool) -> str:
+    text = _text(value, textual)
+    if text == "":
+        return text
+    try:
+        split_listen(text)
+    except ValueError:
+        raise _Invalid(
+            'expected "ADDRESS:PORT" such as "127.0.0.1:8023", "[::1]:8023" or a port '
+            '(on 127.0.0.1); "" = off'
+        ) from None
+    return text
+
+
 @_accepts("`rx`, `tx`")
 def _direction(value: Any, textual: bool) -> str:
     return _choice("rx", "tx")(value, textual)
@@ -386,6 +424,7 @@ _SECTIONS: Dict[str, Tuple[type, Dict[str, Convert]]] = {
             "stats_interval": _number(0, low_allowed=True),
         },
     ),
+    "status": (StatusConfig, {"listen": _listen_address}),
 }
 
 ALL_KEYS: Tuple[str, ...] = tuple(
@@ -458,6 +497,8 @@ _FLAGS: Tuple[_Flag, ...] = (
           'Time span of each new can_frame partition, e.g. "1 day" or "6 hours"'),
     _Flag(("--pg-retention-days",), "postgres.retention_days", "DAYS",
           "Drop partitions whose frames are older than this many days; 0 = keep everything"),
+    _Flag(("--status-listen",), "status.listen", "ADDR:PORT",
+          "Serve /metrics, /status and a status page over HTTP here (a bare port: on loopback)"),
     _Flag(("--log-level",), "logging.level", "LEVEL",
           "Log level: DEBUG, INFO, WARNING, ERROR or CRITICAL"),
     _Flag(("--stats-interval",), "logging.stats_interval", "SEC",
@@ -515,8 +556,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="Print the resolved configuration (DSN password masked) and exit 0, or the errors "
         "and exit 2",
     )
-    parser.add_argument("--version", action="version", version=f"wiretap-server {__version__}")
+    parser.add_argument(
+        "--version", action=_VersionAction, help="Print the version and git commit, then exit"
+    )
     return parser
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the commit is looked up only when asked for (it reads ``.git``)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any) -> None:
+        print(buildinfo.describe())
+        parser.exit()
 
 
 class KeyReference(NamedTuple):
@@ -636,7 +690,7 @@ def _read_file(path: str, errors: List[str]) -> Dict[str, _Setting]:
         if not isinstance(table, dict):
             errors.append(
                 f"unknown top-level key {section} in {path}: keys belong in a "
-                f"[server], [postgres] or [logging] section{_suggest(section, ALL_KEYS)}"
+                f"[server], [postgres], [logging] or [status] section{_suggest(section, ALL_KEYS)}"
             )
         elif section not in _SECTIONS:
             errors.append(f"unknown section [{section}] in {path}{_suggest(section, _SECTIONS)}")

@@ -1,9 +1,10 @@
 """Counters and the periodic stats line.
 
 Owns the format of the one-line summary operators grep for (``stats rx=… fps=… clients=… …
-queued=… enq=… wrote=… dropped=… spooled=… conn=… carried=… outside=… node=…``) and the
-timer thread that logs it every ``stats_interval`` seconds. It knows no other module: ``app``
-hands it a function that collects the current counter values.
+queued=… enq=… wrote=… dropped=… spooled=… conn=… carried=… outside=… node=… error_frames=…
+bus_off=…``; new fields only ever go at the end, so existing greps keep working) and the timer
+thread that logs it every ``stats_interval`` seconds. It knows no other module: ``app`` hands it
+a function that collects the current counter values.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ log = logging.getLogger("wiretap.stats")
 FIELDS = (
     "rx", "fps", "clients", "client_drops", "kernel_drops", "tx", "tx_fail",
     "queued", "enq", "wrote", "dropped", "spooled", "conn", "carried", "outside", "node",
+    "error_frames", "bus_off",
 )  # fmt: skip
 
 

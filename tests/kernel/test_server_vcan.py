@@ -7,7 +7,11 @@ is the independent witness of what was on the bus.
 
 from __future__ import annotations
 
+import json
+import re
+import socket
 import time
+import urllib.request
 from typing import Callable, List, Optional, Tuple
 
 import pytest
@@ -25,6 +29,15 @@ from vcan_tools import (
     server_on,
     wait_for_readers,
 )
+
+from wiretap.frames import (
+    CAN_ERR_BUSOFF,
+    CAN_ERR_CRTL,
+    CAN_ERR_CRTL_TX_PASSIVE,
+    CAN_ERR_FLAG,
+    CAN_FRAME,
+)
+from wiretap.sources.socketcan import CAN_ERR_CNT, CAN_ERR_RESTARTED
 
 pytestmark = pytest.mark.vcan
 
@@ -257,3 +270,31 @@ def test_flood_counts_of_kernel_server_and_client_agree(
     # What the kernel handed the server's socket, or dropped there, is everything sent.
     assert stats["rx"] + stats["kernel_drops"] == sent + markers
     assert len(received) + stats["client_drops"] == stats["rx"]
+
+
+def test_error_frames_on_the_bus_drive_state_log_status_and_stats(
+    vcan: Callable[..., str], wiretap_server: StartServer
+) -> None:
+    """vcan has no controller, but another socket may put error frames on it: the kernel delivers
+    them to the reader through its CAN_RAW_ERR_FILTER, as a real controller's would be."""
+    iface = vcan("vcan0")
+    server = server_on(wiretap_server, [iface], "--status-listen", "127.0.0.1:0")
+    server.wait_for_log("status page on")
+    status_port = int(re.search(r"status page on http://127\.0\.0\.1:(\d+)/", server.log())[1])
+    counters = bytes([0, CAN_ERR_CRTL_TX_PASSIVE, 0, 0, 0, 0, 128, 4])
+    with socket.socket(socket.AF_CAN, socket.SOCK_RAW, socket.CAN_RAW) as injector:
+        injector.bind((iface,))
+        injector.send(CAN_FRAME.pack(CAN_ERR_FLAG | CAN_ERR_CRTL | CAN_ERR_CNT, 8, 0, counters))
+        server.wait_for_log("vcan0: error-passive (tx errors 128, rx errors 4)")
+        injector.send(CAN_FRAME.pack(CAN_ERR_FLAG | CAN_ERR_BUSOFF, 8, 0, bytes(8)))
+        server.wait_for_log("vcan0: bus-off (tx errors 256)")
+        with urllib.request.urlopen(f"http://127.0.0.1:{status_port}/status", timeout=10) as r:
+            (bus,) = json.load(r)["buses"]
+        assert (bus["state"], bus["tx_errors"], bus["bus_off_total"]) == ("bus-off", 256, 1)
+        assert (bus["error_frames_total"], bus["frames_total"], bus["healthy"]) == (2, 0, False)
+        injector.send(CAN_FRAME.pack(CAN_ERR_FLAG | CAN_ERR_RESTARTED, 8, 0, bytes(8)))
+        server.wait_for_log("vcan0: error-active again after bus-off")
+    cansend(iface, "123#01")
+    server.wait_for_log(" stats rx=1 ")
+    stats = server.stop()
+    assert (stats["rx"], stats["error_frames"], stats["bus_off"]) == (1, 3, 1)

@@ -34,6 +34,29 @@ class BusInfo(NamedTuple):
     rx_errors: Optional[int] = None
 
 
+ERROR_ACTIVE = "error-active"
+ERROR_WARNING = "error-warning"
+ERROR_PASSIVE = "error-passive"
+BUS_OFF = "bus-off"
+CAN_STATES = (ERROR_ACTIVE, ERROR_WARNING, ERROR_PASSIVE, BUS_OFF)  # from healthy to not
+
+
+class BusHealth(NamedTuple):
+    """How one bus is: open or not, its controller's CAN state and error counters (as the last
+    CAN error frame said them), and what was lost or went wrong on it so far."""
+
+    up: bool
+    state: str  # one of CAN_STATES
+    tx_errors: int
+    rx_errors: int
+    error_frames: int
+    bus_off: int  # times the controller went bus-off
+    kernel_drops: int
+
+
+HEALTHY = BusHealth(True, ERROR_ACTIVE, 0, 0, 0, 0, 0)
+
+
 class TransmitResult(enum.Enum):
     SENT = "sent"
     BUSY = "busy"  # ENOBUFS after the retries: the interface's TX queue stayed full
@@ -82,6 +105,10 @@ class Source:
 
     def bus_info(self, bus: int) -> BusInfo:
         raise NotImplementedError
+
+    def health(self, bus: int) -> BusHealth:
+        """The state of bus ``bus``; a source that cannot tell says healthy."""
+        return HEALTHY
 
     def counters(self) -> dict:
         """Counters for the stats line: ``kernel_drops``, ``tx``, ``tx_fail`` …"""

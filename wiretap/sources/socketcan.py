@@ -40,7 +40,19 @@ from ..frames import (
     decode,
     encode,
 )
-from . import BusInfo, Publish, Source, TransmitResult
+from ..ratelimit import RateLimitedLog
+from . import (
+    BUS_OFF,
+    CAN_STATES,
+    ERROR_ACTIVE,
+    ERROR_PASSIVE,
+    ERROR_WARNING,
+    BusHealth,
+    BusInfo,
+    Publish,
+    Source,
+    TransmitResult,
+)
 from .netlink import (
     LinkEvent,
     LinkState,
@@ -64,7 +76,12 @@ CAN_RAW_RECV_OWN_MSGS = 4
 CAN_RAW_FD_FRAMES = 5
 # <linux/can/error.h>
 CAN_ERR_RESTARTED = 0x00000100
+CAN_ERR_CNT = 0x00000200  # data[6] / data[7] hold the TX / RX error counters
+CAN_ERR_CRTL_RX_WARNING = 0x04
+CAN_ERR_CRTL_TX_WARNING = 0x08
 CAN_ERR_CRTL_ACTIVE = 0x40
+BUS_OFF_TX_ERRORS = 256  # the controller goes bus-off when its TX error counter passes 255
+STATE_LOG_INTERVAL_S = 10.0  # a bus flapping between states logs each state once per interval
 # <linux/socket.h>: how the kernel marks frames this host sent (net/can/raw.c raw_rcv()).
 MSG_DONTROUTE = 0x04  # sent by another socket on this host (e.g. cansend)
 MSG_CONFIRM = 0x800  # sent by this very socket, echoed back with CAN_RAW_RECV_OWN_MSGS
@@ -251,7 +268,12 @@ class SocketCanSource(Source):
         self._bitrate_fallback_logged = False
         self._down = False
         self._gone = False
-        self._bus_state = "active"
+        self._bus_state = ERROR_ACTIVE
+        self._tx_errors = 0
+        self._rx_errors = 0
+        self.bus_off = 0
+        self._restart_ms: Optional[int] = None  # the kernel's restart-ms, when known
+        self._state_log = RateLimitedLog(log, STATE_LOG_INTERVAL_S)
         self._drops_base = 0
         self._drops_socket = 0
         self.frames_read = 0
@@ -269,7 +291,26 @@ class SocketCanSource(Source):
             "tx": self.tx,
             "tx_fail": self.tx_fail,
             "error_frames": self.error_frames,
+            "bus_off": self.bus_off,
         }
+
+    def health(self, bus: int) -> BusHealth:
+        """The controller's state and counters as the kernel last reported them over rtnetlink
+        where the driver does, else as the last CAN error frames said them."""
+        self._read_socket_drops()
+        link = self.link
+        state = link.can_state if link is not None and link.can_state in CAN_STATES else None
+        tx_errors = link.tx_errors if link is not None else None
+        rx_errors = link.rx_errors if link is not None else None
+        return BusHealth(
+            up=self._sock is not None and not self._down,
+            state=state or self._bus_state,
+            tx_errors=self._tx_errors if tx_errors is None else tx_errors,
+            rx_errors=self._rx_errors if rx_errors is None else rx_errors,
+            error_frames=self.error_frames,
+            bus_off=self.bus_off,
+            kernel_drops=self._drops_base + self._drops_socket,
+        )
 
     def _read_socket_drops(self) -> None:
         # SO_RXQ_OVFL reports the count only with the next frame queued, so drops at the end of
@@ -540,24 +581,58 @@ class SocketCanSource(Source):
         return False
 
     def _on_error_frame(self, frame: ErrorFrame) -> None:
+        """Follow the controller's state (<linux/can/error.h>; the kernel's can_change_state()
+        sends CAN_ERR_CRTL with the new level, can_bus_off() CAN_ERR_BUSOFF, a restart
+        CAN_ERR_RESTARTED) and its error counters; one log line per change."""
         self.error_frames += 1
-        state = self._bus_state
-        controller = frame.data[1] if len(frame.data) > 1 else 0
-        if frame.err_class & CAN_ERR_BUSOFF:
-            state = "bus-off"
-        elif frame.err_class & CAN_ERR_CRTL and controller & (
-            CAN_ERR_CRTL_RX_PASSIVE | CAN_ERR_CRTL_TX_PASSIVE
-        ):
-            state = "error-passive"
-        elif frame.err_class & CAN_ERR_RESTARTED or (
-            frame.err_class & CAN_ERR_CRTL and controller & CAN_ERR_CRTL_ACTIVE
-        ):
-            state = "active"
-        if state != self._bus_state:
-            self._bus_state = state
-            log.warning("%s: controller is %s", self.name, state)
-            # The kernel announces bus-off and restarts, not error-passive: ask it.
-            self.refresh_link()
+        err_class, data = frame.err_class, frame.data
+        if err_class & CAN_ERR_CNT and len(data) >= 8:
+            self._tx_errors, self._rx_errors = data[6], data[7]
+        controller = data[1] if err_class & CAN_ERR_CRTL and len(data) > 1 else 0
+        if err_class & CAN_ERR_BUSOFF:
+            state = BUS_OFF
+            self._tx_errors = BUS_OFF_TX_ERRORS
+        elif controller & (CAN_ERR_CRTL_RX_PASSIVE | CAN_ERR_CRTL_TX_PASSIVE):
+            state = ERROR_PASSIVE
+        elif controller & (CAN_ERR_CRTL_RX_WARNING | CAN_ERR_CRTL_TX_WARNING):
+            state = ERROR_WARNING
+        elif err_class & CAN_ERR_RESTARTED:
+            state = ERROR_ACTIVE
+            self._tx_errors = self._rx_errors = 0  # a restart resets the controller
+        elif controller & CAN_ERR_CRTL_ACTIVE:
+            state = ERROR_ACTIVE
+        else:
+            return
+        previous, self._bus_state = self._bus_state, state
+        if state == previous:
+            return
+        # The kernel announces bus-off and restarts, not error-passive: ask it for its view.
+        self.refresh_link()
+        if state == BUS_OFF:
+            self.bus_off += 1
+            restart = self._restart_ms
+            if restart is None:
+                then = ""
+            elif restart > 0:
+                then = f", restarting in {restart} ms"
+            else:
+                then = f", stays off until 'ip link set {self.name} type can restart'"
+            self._state_log.log(
+                (self.name, state), logging.WARNING, "%s: bus-off (tx errors %d)%s",
+                self.name, self._tx_errors, then,
+            )  # fmt: skip
+            return
+        worse = CAN_STATES.index(state) > CAN_STATES.index(previous)
+        self._state_log.log(
+            (self.name, state),
+            logging.WARNING if worse else logging.INFO,
+            "%s: %s%s (tx errors %d, rx errors %d)",
+            self.name,
+            state,
+            "" if worse else f" again after {previous}",
+            self._tx_errors,
+            self._rx_errors,
+        )
 
     # --- transmit ------------------------------------------------------------------------
 
