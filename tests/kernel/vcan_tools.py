@@ -146,7 +146,9 @@ class ServerProcess:
         lines = self.log_lines(" stats rx=")
         assert lines, f"no stats line:\n{self.log()}"
         fields = lines[-1].split(" stats ", 1)[1].split()
-        return {name: int(float(value)) for name, value in (f.split("=", 1) for f in fields)}
+        pairs = (field.split("=", 1) for field in fields)
+        # Counters only: the line also names the node (node=pi-7).
+        return {name: int(float(value)) for name, value in pairs if name != "node"}
 
     def kill(self) -> None:
         if self.process.poll() is None:
