@@ -63,6 +63,11 @@ source_tar=$(mktemp /tmp/wiretap-arm-src.XXXXXX)
 trap 'rm -f "$source_tar"' EXIT
 git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf "$source_tar"
 
+# Black-holes a peer with `ip rule`, which qemu-user cannot pass on: it translates rtnetlink's
+# link, address and route messages only, and answers a rule with "Operation not supported". What
+# it tests is the kernel's TCP, the same on every platform.
+dead_peer=tests/test_hostile.py::test_a_peer_that_vanishes_is_dropped_and_its_place_freed
+
 status=0
 for target in $targets; do
     suite=${target%%:*}
@@ -88,12 +93,14 @@ for target in $targets; do
 
     echo "arm tier: $suite $arch: $(chroot "$root" python3 -c 'import platform, sys
 print(platform.machine(), "Python", platform.python_version())')"
-    # A private mount namespace: /proc and /dev leave with the process, whatever happens.
-    if ! unshare --mount --propagation private sh -c '
+    # A private mount namespace: /proc, /sys and /dev leave with the process, whatever happens.
+    if ! dead_peer=$dead_peer unshare --mount --propagation private sh -c '
         root=$1; shift
-        mount -t proc proc "$root/proc" && mount --rbind /dev "$root/dev" &&
+        mount -t proc proc "$root/proc" && mount -t sysfs sysfs "$root/sys" &&
+            mount --rbind /dev "$root/dev" &&
             exec chroot "$root" env -C /work/wiretap HOME=/root python3 -m pytest -q \
-                -p no:cacheprovider -m "not vcan and not pg" --ignore=tests/kernel "$@"
+                -p no:cacheprovider -m "not vcan and not pg" --ignore=tests/kernel \
+                --deselect "$dead_peer" "$@"
     ' sh "$root" "$@"; then
         echo "arm tier: FAILED on $suite $arch" >&2
         status=1
