@@ -44,7 +44,8 @@ def receive(sock: socket.socket) -> Tuple[bytes, int, int]:
     assert ready, "no frame"
     batch = MessageBatch(1, CANFD_MTU)
     assert batch.receive(sock.fileno()) == 1
-    [(data, flags, ts_ns)] = batch.messages(1)
+    [(offset, size, flags, ts_ns)] = batch.messages(1)
+    data = batch.datagram(offset, size)
     assert ts_ns is not None, "no SO_TIMESTAMP"
     return data, flags, ts_ns
 

@@ -172,6 +172,8 @@ class MessageBatch:
         """The kernel's drop count as the last message that carried one said (``SO_RXQ_OVFL``
         comes only once the socket has dropped something)."""
         self._data = ctypes.create_string_buffer(capacity * slot)
+        self.data = memoryview(self._data).cast("B")
+        """The datagrams of the last batch, each at the start of its ``slot`` bytes."""
         self._control = ctypes.create_string_buffer(capacity * ANCILLARY_SPACE)
         self._iovecs = (IoVec * capacity)()
         self._headers = (MMsgHdr * capacity)()
@@ -208,24 +210,28 @@ class MessageBatch:
             if error != errno.EINTR:  # a signal handled in this thread: ask again (PEP 475)
                 raise OSError(error, os.strerror(error))
 
-    def messages(self, count: int) -> Iterator[Tuple[bytes, int, Optional[int]]]:
-        """``(datagram, msg_flags, timestamp ns or None)`` of each of the first ``count``
-        messages that :meth:`receive` filled, in order."""
-        data = self._data
+    def messages(self, count: int) -> Iterator[Tuple[int, int, int, Optional[int]]]:
+        """``(offset in data, size, msg_flags, timestamp ns or None)`` of each of the first
+        ``count`` datagrams that :meth:`receive` put in :attr:`data`, in order."""
         control = self._control
-        slot = self.slot
         timestamp = CMSG_TIMESTAMP_64.unpack_from
+        start = -self.slot
+        at = -ANCILLARY_SPACE
         results = MMSGHDR_RESULT.iter_unpack(self._header_bytes[: count * MMSGHDR_RESULT.size])
-        for index, (control_len, msg_flags, length) in enumerate(results):
-            start = index * slot
-            at = index * ANCILLARY_SPACE
+        for control_len, msg_flags, size in results:
+            start += self.slot
+            at += ANCILLARY_SPACE
             if control_len == _TIMESTAMP_64_SPACE:
                 cmsg_len, level, kind, seconds, micros = timestamp(control, at)
                 if cmsg_len == _TIMESTAMP_64_LEN and level == SOL_SOCKET and kind in _TIMESTAMPS:
-                    yield data[start : start + length], msg_flags, seconds * 10**9 + micros * 1000
+                    yield start, size, msg_flags, seconds * 10**9 + micros * 1000
                     continue
             used = control[at : at + min(control_len, ANCILLARY_SPACE)]
             ts_ns, drops = parse_ancillary(control_messages(used))
             if drops is not None:
                 self.drops = drops
-            yield data[start : start + length], msg_flags, ts_ns
+            yield start, size, msg_flags, ts_ns
+
+    def datagram(self, offset: int, size: int) -> bytes:
+        """A copy of one datagram of the last batch."""
+        return bytes(self.data[offset : offset + size])

@@ -37,7 +37,7 @@ from ..frames import (
     TX,
     ErrorFrame,
     Frame,
-    decode,
+    decode_from,
     encode,
 )
 from ..ratelimit import RateLimitedLog
@@ -473,7 +473,7 @@ class SocketCanSource(Source):
             poller.register(link_fd, select.POLLIN)
         can_fd = sock.fileno()
         received = MessageBatch(MAX_BATCH, CANFD_MTU)
-        receive, messages = received.receive, received.messages
+        receive, messages, data = received.receive, received.messages, received.data
         publish = self._publish
         assert publish is not None
         bus = self.first_bus
@@ -500,11 +500,13 @@ class SocketCanSource(Source):
                     return
                 continue
             batch: List[Frame] = []
-            for data, msg_flags, ts_ns in messages(count):
+            for offset, size, msg_flags, ts_ns in messages(count):
                 if ts_ns is None:
                     ts_ns = time.time_ns()
-                origin = self._confirmed_origin(data) if msg_flags & MSG_CONFIRM else 0
-                frame = decode(data, bus, ts_ns, direction_of(msg_flags), origin)
+                origin = 0
+                if msg_flags & MSG_CONFIRM:
+                    origin = self._confirmed_origin(received.datagram(offset, size))
+                frame = decode_from(data, offset, size, bus, ts_ns, direction_of(msg_flags), origin)
                 if frame is None:
                     continue
                 if type(frame) is ErrorFrame:
