@@ -33,13 +33,13 @@ SQL_BOOL = ("false", "true")
 COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
 COPY_TRAILER = struct.pack("!h", -1)
 PG_EPOCH_US = 946_684_800 * 1_000_000  # 2000-01-01T00:00:00Z, where binary timestamptz counts from
-COPY_ROW_HEAD = struct.Struct("!hiqiiiBihiBi")
-"""One binary COPY row up to the payload: field count (8), then ``int32 length`` + value for
-``ts`` (int8 µs since 2000-01-01), ``id`` (int4), ``extended`` (bool), ``dlc`` (int2), ``is_fd``
-(bool), and the length of ``data_bytes`` (whose bytes follow)."""
-COPY_ROW_BUS = struct.Struct("!ii")
-"""``bus``: length 4, int4 value. ``dir`` follows as a ready-made length + text field."""
-COPY_DIR_FIELD = {"rx": struct.pack("!i", 2) + b"rx", "tx": struct.pack("!i", 2) + b"tx"}
+COPY_ROW = tuple(struct.Struct(f"!hiqiiiBihiBi{length}sii i2s") for length in range(65))
+"""One binary COPY row, one layout per payload length 0..64: field count (8), then ``int32
+length`` + value for ``ts`` (int8 µs since 2000-01-01), ``id`` (int4), ``extended`` (bool),
+``dlc`` (int2), ``is_fd`` (bool), ``data_bytes`` (the payload), ``bus`` (int4) and ``dir`` (two
+characters of text)."""
+_PACK_COPY_ROW = tuple(layout.pack for layout in COPY_ROW)
+_DIR_TEXT = {"rx": b"rx", "tx": b"tx"}
 
 
 def function_sql(func: str) -> str:
@@ -106,16 +106,13 @@ def render_rows(ts_text: TimestampText, rows: Sequence[Row], casts: bool) -> Lis
 def encode_copy(rows: Sequence[Row]) -> bytes:
     """The whole ``COPY … FROM STDIN WITH (FORMAT binary)`` input for ``rows``: header, one
     tuple per row, trailer (PostgreSQL docs, "Binary Format" of COPY)."""
-    pack_head = COPY_ROW_HEAD.pack
-    pack_bus = COPY_ROW_BUS.pack
-    dir_field = COPY_DIR_FIELD
+    pack_row = _PACK_COPY_ROW
+    dir_text = _DIR_TEXT
+    epoch = PG_EPOCH_US
     parts = [COPY_HEADER]
     append = parts.append
     for ts_us, can_id, extended, dlc, is_fd, data, bus, direction in rows:
-        append(pack_head(8, 8, ts_us - PG_EPOCH_US, 4, can_id, 1, extended, 2, dlc, 1, is_fd,
-                         dlc))  # fmt: skip
-        append(data)
-        append(pack_bus(4, bus))
-        append(dir_field[direction])
+        append(pack_row[len(data)](8, 8, ts_us - epoch, 4, can_id, 1, extended, 2, dlc, 1, is_fd,
+                                   len(data), data, 4, bus, 2, dir_text[direction]))  # fmt: skip
     append(COPY_TRAILER)
     return b"".join(parts)
