@@ -1,0 +1,358 @@
+"""This server beside the original wiretap-server: CPU per frame and loss at equal rates on vcan.
+
+Owns the side-by-side measurement: the same ``cangen`` traffic on ``vcan0`` at a few steady rates,
+read by each server in turn with one GVRET client connected and no database, while ``candump``
+counts what was on the bus. Run inside the vcan tier's guest (or on a machine whose kernel has
+vcan), as root, with the original's file, which is not part of this repository::
+
+    tests/kernel/run-in-vm.sh --run .venv/bin/python tests/kernel/original_side_by_side.py \\
+        --original /path/to/original/wiretap-server.py
+
+Both servers run under this interpreter with the same flags (the original's names were kept):
+``--iface vcan0 --host 127.0.0.1 --port P --log-level INFO --stats-interval 0``. The client sends
+``E7 E7 F1 07 F1 0C`` to each, and the phase starts once both replies are back, so each server
+streams to it. The servers take turns (ABBA over the repeats) rather than reading the bus at the
+same time, so that neither steals the other's CPU; medians over the repeats are reported.
+
+CPU is user + system time of the server process (all threads) from ``/proc/<pid>/stat``, from
+just before ``cangen`` starts until the client's last frame; ``µs per frame`` divides it by the
+frames on the bus (candump's count) and by the frames the client got; the latter is also the
+server's CPU in % of one core per 10,000 frames/s. Idle CPU (client connected, no traffic) is
+measured once per start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
+
+from gvret_probe import GvretProbe  # noqa: E402
+from vcan_tools import (  # noqa: E402
+    REPO,
+    SERVER,
+    Candump,
+    add_vcan,
+    calibrate,
+    interface_exists,
+    ip_link,
+    readers,
+    scaled,
+    wait_until,
+)
+
+IFACE = "vcan0"
+OURS = "this server"
+ORIGINAL = "original"
+IDLE_S = 5.0  # idle CPU window, client connected, no traffic
+GAP_ROUNDS = 2  # cangen runs per rate to find the gap that gives the rate
+TCP_LISTEN = "0A"  # st column of /proc/net/tcp
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) from ``/proc/<pid>/stat``."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def listening(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:``port`` (read from the kernel, no connection)."""
+    wanted = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        return any(
+            fields[1] == wanted and fields[3] == TCP_LISTEN
+            for fields in (line.split() for line in f.readlines()[1:])
+        )
+
+
+def cangen(gap_ms: float, count: int) -> float:
+    """Send ``count`` classic 8-byte frames ``gap_ms`` apart; returns how long it took."""
+    started = time.monotonic()
+    subprocess.run(
+        ["cangen", IFACE, "-g", f"{gap_ms:.4f}", "-n", str(count), "-L", "8"], check=True
+    )
+    return time.monotonic() - started
+
+
+def find_gap(rate: int, workdir: Path) -> float:
+    """The ``cangen -g`` gap (ms) that gives ``rate`` frames/s here: cangen sleeps the gap after
+    each frame, so its own time per frame (slow in an emulated guest) is measured and taken off.
+    A candump reads meanwhile, as in the phases."""
+    gap_ms = 1000.0 / rate
+    dump = Candump(IFACE, workdir)
+    try:
+        for _ in range(GAP_ROUNDS):
+            elapsed = cangen(gap_ms, rate)
+            gap_ms = max(0.0, gap_ms + 1000.0 / rate - 1000.0 * elapsed / rate)
+    finally:
+        dump.stop()
+    return gap_ms
+
+
+@dataclass
+class Run:
+    """One server at one rate, once."""
+
+    server: str
+    rate: int
+    sent: int
+    achieved_fps: float
+    candump: int
+    client: int
+    cpu_s: float
+    window_s: float
+
+    @property
+    def loss_pct(self) -> float:
+        return 100.0 * (self.candump - self.client) / self.candump if self.candump else 0.0
+
+    @property
+    def us_per_bus_frame(self) -> float:
+        return 1e6 * self.cpu_s / self.candump if self.candump else 0.0
+
+    @property
+    def us_per_delivered_frame(self) -> float:
+        return 1e6 * self.cpu_s / self.client if self.client else 0.0
+
+    @property
+    def cpu_pct(self) -> float:
+        return 100.0 * self.cpu_s / self.window_s
+
+
+class Contender:
+    """One server process on vcan0 with one GVRET client counting the frames it gets."""
+
+    def __init__(self, name: str, script: Path, workdir: Path) -> None:
+        self.name = name
+        self.port = free_port()
+        self.log_path = workdir / f"{name.replace(' ', '-')}.log"
+        command = [sys.executable, str(script), "--iface", IFACE, "--host", "127.0.0.1"]
+        command += ["--port", str(self.port), "--log-level", "INFO", "--stats-interval", "0"]
+        before = readers(IFACE)
+        # STATE_DIRECTORY: where this server would spool (the checkout is read-only in the VM).
+        environ = dict(os.environ, STATE_DIRECTORY=str(workdir))
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=environ
+            )
+        self.received = 0
+        self._stop = threading.Event()
+        self.client: Optional[GvretProbe] = None
+        self._counter: Optional[threading.Thread] = None
+        try:
+            wait_until(lambda: self._alive() and readers(IFACE) > before, f"{name} reading")
+            wait_until(lambda: self._alive() and listening(self.port), f"{name} listening")
+            self.client = GvretProbe(self.port)
+            self._counter = threading.Thread(target=self._count, daemon=True)
+            self._counter.start()
+            wait_until(lambda: self.client.replies >= 2, f"{name} answering the handshake")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _alive(self) -> bool:
+        assert self.process.poll() is None, f"{self.name} exited:\n{self.log()}"
+        return True
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def _count(self) -> None:
+        while not self._stop.is_set():
+            self.received += len(self.client.take_frames(0.2))
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.process.pid)
+
+    def idle_cpu_pct(self) -> float:
+        before = self.cpu()
+        time.sleep(IDLE_S)
+        return 100.0 * (self.cpu() - before) / IDLE_S
+
+    def phase(self, rate: int, gap_ms: float, count: int, workdir: Path) -> Run:
+        """Send ``count`` frames at ``rate`` (with ``gap_ms``), wait until the client's count
+        stops moving, and measure."""
+        dump = Candump(IFACE, workdir)
+        received_before = self.received
+        cpu_before = self.cpu()
+        started = time.monotonic()
+        sending_s = cangen(gap_ms, count)
+        quiet_s = max(2.0, scaled(0.5))
+        last, moved_at, cpu_end = self.received, time.monotonic(), self.cpu()
+        while self.received - received_before < count:
+            time.sleep(0.05)
+            if self.received != last:
+                last, moved_at, cpu_end = self.received, time.monotonic(), self.cpu()
+            elif time.monotonic() - moved_at > quiet_s:
+                break
+        else:
+            moved_at, cpu_end = time.monotonic(), self.cpu()
+        dumped = len(dump.stop())
+        return Run(
+            self.name,
+            rate,
+            count,
+            count / sending_s,
+            dumped,
+            self.received - received_before,
+            cpu_end - cpu_before,
+            moved_at - started,
+        )
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._counter is not None:
+            self._counter.join()
+        if self.client is not None:
+            self.client.close()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=scaled(30))
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def show(run: Run) -> str:
+    return (
+        f"{run.server:>11} {run.rate:>5} fps: sent {run.sent} at {run.achieved_fps:,.0f} fps, "
+        f"candump {run.candump}, client {run.client} (loss {run.loss_pct:.1f} %), "
+        f"cpu {run.cpu_s:.2f} s ({run.cpu_pct:.1f} % of a core over {run.window_s:.1f} s), "
+        f"{run.us_per_bus_frame:.0f} µs per bus frame, "
+        f"{run.us_per_delivered_frame:.0f} µs per delivered frame"
+    )
+
+
+def median_table(runs: Sequence[Run], idle: Dict[str, List[float]]) -> str:
+    """Medians over the repeats, one row per (rate, server), as Markdown."""
+    lines = [
+        "| rate asked | server | achieved fps | sent | candump | client (loss) | CPU s "
+        "| CPU % of a core | µs CPU per bus frame | µs CPU per delivered frame "
+        "(= CPU % per 10k fps) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for rate in sorted({run.rate for run in runs}):
+        for server in (OURS, ORIGINAL):
+            group = [run for run in runs if run.rate == rate and run.server == server]
+            if not group:
+                continue
+            med = {
+                key: statistics.median(getattr(run, key) for run in group)
+                for key in (
+                    "achieved_fps", "candump", "client", "cpu_s", "cpu_pct",
+                    "us_per_bus_frame", "us_per_delivered_frame",
+                )
+            }  # fmt: skip
+            loss = " / ".join(f"{run.loss_pct:.1f}" for run in group)
+            lines.append(
+                f"| {rate:,} | {server} | {med['achieved_fps']:,.0f} | {group[0].sent:,} "
+                f"| {med['candump']:,.0f} | {med['client']:,.0f} ({loss} %) "
+                f"| {med['cpu_s']:.2f} | {med['cpu_pct']:.1f} | {med['us_per_bus_frame']:.0f} "
+                f"| {med['us_per_delivered_frame']:.0f} |"
+            )
+    lines.append("")
+    for server, values in idle.items():
+        shown = " / ".join(f"{value:.1f}" for value in values)
+        lines.append(f"idle CPU, {server}: {shown} % of a core (client connected, no traffic)")
+    return "\n".join(lines)
+
+
+def ratios(runs: Sequence[Run]) -> str:
+    """This server's median CPU per frame over the original's, per rate."""
+    parts = []
+    for rate in sorted({run.rate for run in runs}):
+        medians: Dict[Tuple[str, str], float] = {}
+        for server in (OURS, ORIGINAL):
+            group = [run for run in runs if run.rate == rate and run.server == server]
+            if not group:
+                return ""
+            medians[server, "bus"] = statistics.median(r.us_per_bus_frame for r in group)
+            medians[server, "got"] = statistics.median(r.us_per_delivered_frame for r in group)
+        parts.append(
+            f"{rate:,} fps: {medians[OURS, 'bus'] / medians[ORIGINAL, 'bus']:.2f}x per bus frame, "
+            f"{medians[OURS, 'got'] / medians[ORIGINAL, 'got']:.2f}x per delivered frame"
+        )
+    return "this server / original: " + "; ".join(parts)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--original", type=Path, required=True, help="the original server's wiretap-server.py"
+    )
+    parser.add_argument("--rates", type=int, nargs="+", default=[700, 2000, 4000])
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
+    parser.add_argument("--repeats", type=int, default=3, help="starts of each server")
+    args = parser.parse_args(argv)
+    if not args.original.is_file():
+        parser.error(f"--original: no file at {args.original}")
+
+    subprocess.run(["modprobe", "vcan"], check=True)
+    if interface_exists(IFACE):
+        ip_link("del", IFACE)
+    add_vcan(IFACE)
+    workdir = Path(tempfile.mkdtemp(prefix="wiretap-side-by-side-"))
+    start_s, slowness = calibrate()
+    print(
+        f"side by side: kernel {platform.release()}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()} ({sys.executable}), Python starts and imports the server "
+        f"in {start_s:.1f} s (waits x{slowness:.1f}), load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+    scripts = {OURS: SERVER, ORIGINAL: args.original.resolve()}
+    runs: List[Run] = []
+    idle: Dict[str, List[float]] = {OURS: [], ORIGINAL: []}
+    try:
+        gaps = {rate: find_gap(rate, workdir) for rate in args.rates}
+        print(
+            "cangen gaps: " + ", ".join(f"{r} fps -> -g {g:.4f}" for r, g in gaps.items()),
+            flush=True,
+        )
+        for repeat in range(args.repeats):
+            order = [OURS, ORIGINAL] if repeat % 2 == 0 else [ORIGINAL, OURS]
+            for name in order:
+                contender = Contender(name, scripts[name], workdir)
+                try:
+                    idle[name].append(contender.idle_cpu_pct())
+                    for rate in args.rates:
+                        count = int(rate * args.seconds)
+                        run = contender.phase(rate, gaps[rate], count, workdir)
+                        runs.append(run)
+                        print(f"[repeat {repeat + 1}] {show(run)}", flush=True)
+                finally:
+                    contender.stop()
+    finally:
+        ip_link("del", IFACE)
+    print(
+        f"\nmedians of {args.repeats} repeats (load average now {os.getloadavg()[0]:.2f}):\n",
+        flush=True,
+    )
+    print(median_table(runs, idle))
+    print("\n" + ratios(runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
