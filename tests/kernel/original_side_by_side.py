@@ -1,8 +1,9 @@
 """This server beside the original wiretap-server: CPU per frame and loss at equal rates on vcan.
 
-Owns the side-by-side measurement: the same ``cangen`` traffic on ``vcan0`` at a few steady rates,
-read by each server in turn with one GVRET client connected and no database, while ``candump``
-counts what was on the bus. Run inside the vcan tier's guest (or on a machine whose kernel has
+Owns the side-by-side measurement: the same traffic on ``vcan0`` at a few steady rates (classic
+8-byte frames from paced_sender.py, which keeps to the rate where ``cangen -g`` cannot), read by
+each server in turn with one GVRET client connected and no database, while ``candump`` counts
+what was on the bus. Run inside the vcan tier's guest (or on a machine whose kernel has
 vcan), as root, with the original's file, which is not part of this repository::
 
     tests/kernel/run-in-vm.sh --run .venv/bin/python tests/kernel/original_side_by_side.py \\
@@ -15,10 +16,10 @@ streams to it. The servers take turns (ABBA over the repeats) rather than readin
 same time, so that neither steals the other's CPU; medians over the repeats are reported.
 
 CPU is user + system time of the server process (all threads) from ``/proc/<pid>/stat``, from
-just before ``cangen`` starts until the client's last frame; ``µs per frame`` divides it by the
-frames on the bus (candump's count) and by the frames the client got; the latter is also the
-server's CPU in % of one core per 10,000 frames/s. Idle CPU (client connected, no traffic) is
-measured once per start.
+the sender's first frame (it is started beforehand) until the client's last frame. ``µs per
+frame`` divides it by the frames on the bus (candump's count) and by the frames the client got;
+the latter is also the server's CPU in % of one core per 10,000 frames/s. Idle CPU (client
+connected, no traffic) is measured once per start.
 """
 
 from __future__ import annotations
@@ -56,10 +57,10 @@ from vcan_tools import (  # noqa: E402
 )
 
 IFACE = "vcan0"
+SENDER = Path(__file__).resolve().parent / "paced_sender.py"
 OURS = "this server"
 ORIGINAL = "original"
 IDLE_S = 5.0  # idle CPU window, client connected, no traffic
-GAP_ROUNDS = 2  # cangen runs per rate to find the gap that gives the rate
 TCP_LISTEN = "0A"  # st column of /proc/net/tcp
 
 
@@ -86,28 +87,22 @@ def listening(port: int) -> bool:
         )
 
 
-def cangen(gap_ms: float, count: int) -> float:
-    """Send ``count`` classic 8-byte frames ``gap_ms`` apart; returns how long it took."""
-    started = time.monotonic()
-    subprocess.run(
-        ["cangen", IFACE, "-g", f"{gap_ms:.4f}", "-n", str(count), "-L", "8"], check=True
-    )
-    return time.monotonic() - started
+class Sender:
+    """paced_sender.py, started and ready: ``send()`` lets it go and returns what it reports."""
 
+    def __init__(self, rate: int, count: int) -> None:
+        command = [sys.executable, str(SENDER), IFACE, str(rate), str(count)]
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self.process.stdout.readline().strip() == "ready", "the sender did not start"
 
-def find_gap(rate: int, workdir: Path) -> float:
-    """The ``cangen -g`` gap (ms) that gives ``rate`` frames/s here: cangen sleeps the gap after
-    each frame, so its own time per frame (slow in an emulated guest) is measured and taken off.
-    A candump reads meanwhile, as in the phases."""
-    gap_ms = 1000.0 / rate
-    dump = Candump(IFACE, workdir)
-    try:
-        for _ in range(GAP_ROUNDS):
-            elapsed = cangen(gap_ms, rate)
-            gap_ms = max(0.0, gap_ms + 1000.0 / rate - 1000.0 * elapsed / rate)
-    finally:
-        dump.stop()
-    return gap_ms
+    def send(self) -> Tuple[float, int, int]:
+        """Seconds the sending took, wake-ups and ENOBUFS waits."""
+        output, _ = self.process.communicate("go\n")
+        assert self.process.returncode == 0, "the sender failed"
+        seconds, wakes, waits = output.split()
+        return float(seconds), int(wakes), int(waits)
 
 
 @dataclass
@@ -118,10 +113,16 @@ class Run:
     rate: int
     sent: int
     achieved_fps: float
+    sender_wakes: int
+    enobufs_waits: int
     candump: int
     client: int
     cpu_s: float
     window_s: float
+
+    @property
+    def frames_per_wake(self) -> float:
+        return self.sent / self.sender_wakes if self.sender_wakes else 0.0
 
     @property
     def loss_pct(self) -> float:
@@ -190,14 +191,15 @@ class Contender:
         time.sleep(IDLE_S)
         return 100.0 * (self.cpu() - before) / IDLE_S
 
-    def phase(self, rate: int, gap_ms: float, count: int, workdir: Path) -> Run:
-        """Send ``count`` frames at ``rate`` (with ``gap_ms``), wait until the client's count
-        stops moving, and measure."""
+    def phase(self, rate: int, count: int, workdir: Path) -> Run:
+        """Send ``count`` frames at ``rate``, wait until the client's count stops moving, and
+        measure."""
         dump = Candump(IFACE, workdir)
+        sender = Sender(rate, count)
         received_before = self.received
         cpu_before = self.cpu()
         started = time.monotonic()
-        sending_s = cangen(gap_ms, count)
+        sending_s, wakes, waits = sender.send()
         quiet_s = max(2.0, scaled(0.5))
         last, moved_at, cpu_end = self.received, time.monotonic(), self.cpu()
         while self.received - received_before < count:
@@ -214,6 +216,8 @@ class Contender:
             rate,
             count,
             count / sending_s,
+            wakes,
+            waits,
             dumped,
             self.received - received_before,
             cpu_end - cpu_before,
@@ -237,7 +241,8 @@ class Contender:
 
 def show(run: Run) -> str:
     return (
-        f"{run.server:>11} {run.rate:>5} fps: sent {run.sent} at {run.achieved_fps:,.0f} fps, "
+        f"{run.server:>11} {run.rate:>5} fps: sent {run.sent} at {run.achieved_fps:,.0f} fps "
+        f"({run.frames_per_wake:.1f} per wake-up, {run.enobufs_waits} ENOBUFS waits), "
         f"candump {run.candump}, client {run.client} (loss {run.loss_pct:.1f} %), "
         f"cpu {run.cpu_s:.2f} s ({run.cpu_pct:.1f} % of a core over {run.window_s:.1f} s), "
         f"{run.us_per_bus_frame:.0f} µs per bus frame, "
@@ -248,7 +253,8 @@ def show(run: Run) -> str:
 def median_table(runs: Sequence[Run], idle: Dict[str, List[float]]) -> str:
     """Medians over the repeats, one row per (rate, server), as Markdown."""
     lines = [
-        "| rate asked | server | achieved fps | sent | candump | client (loss) | CPU s "
+        "| rate asked | server | achieved fps (frames per sender wake-up) | sent | candump "
+        "| client (loss) | CPU s "
         "| CPU % of a core | µs CPU per bus frame | µs CPU per delivered frame "
         "(= CPU % per 10k fps) |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -261,13 +267,14 @@ def median_table(runs: Sequence[Run], idle: Dict[str, List[float]]) -> str:
             med = {
                 key: statistics.median(getattr(run, key) for run in group)
                 for key in (
-                    "achieved_fps", "candump", "client", "cpu_s", "cpu_pct",
+                    "achieved_fps", "frames_per_wake", "candump", "client", "cpu_s", "cpu_pct",
                     "us_per_bus_frame", "us_per_delivered_frame",
                 )
             }  # fmt: skip
             loss = " / ".join(f"{run.loss_pct:.1f}" for run in group)
             lines.append(
-                f"| {rate:,} | {server} | {med['achieved_fps']:,.0f} | {group[0].sent:,} "
+                f"| {rate:,} | {server} | {med['achieved_fps']:,.0f} "
+                f"({med['frames_per_wake']:.1f}) | {group[0].sent:,} "
                 f"| {med['candump']:,.0f} | {med['client']:,.0f} ({loss} %) "
                 f"| {med['cpu_s']:.2f} | {med['cpu_pct']:.1f} | {med['us_per_bus_frame']:.0f} "
                 f"| {med['us_per_delivered_frame']:.0f} |"
@@ -325,11 +332,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     runs: List[Run] = []
     idle: Dict[str, List[float]] = {OURS: [], ORIGINAL: []}
     try:
-        gaps = {rate: find_gap(rate, workdir) for rate in args.rates}
-        print(
-            "cangen gaps: " + ", ".join(f"{r} fps -> -g {g:.4f}" for r, g in gaps.items()),
-            flush=True,
-        )
         for repeat in range(args.repeats):
             order = [OURS, ORIGINAL] if repeat % 2 == 0 else [ORIGINAL, OURS]
             for name in order:
@@ -338,7 +340,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     idle[name].append(contender.idle_cpu_pct())
                     for rate in args.rates:
                         count = int(rate * args.seconds)
-                        run = contender.phase(rate, gaps[rate], count, workdir)
+                        run = contender.phase(rate, count, workdir)
                         runs.append(run)
                         print(f"[repeat {repeat + 1}] {show(run)}", flush=True)
                 finally:
