@@ -26,6 +26,7 @@ from wiretap.frames import (
     ErrorFrame,
     Frame,
     decode,
+    decode_from,
     dlc_to_len,
     encode,
     is_valid_fd_length,
@@ -260,3 +261,12 @@ def test_fd_frame_with_a_length_no_dlc_has_is_padded_to_the_next_dlc_length() ->
     assert frame.data == bytes(range(1, 13))
     stream, encoded, _ = encode_frames([frame], Dialect.WIRETAP, 0)
     assert encoded == 1 and stream[10] == 9  # low nibble: DLC 9 = 12 bytes
+
+
+def test_decode_from_reads_a_frame_in_place_in_a_larger_buffer() -> None:
+    classic = encode(make_frame(2, 0x123, b"\x01\x02", ts_ns=5))
+    fd = encode(make_frame(2, 0x1ABCDEF, bytes(range(12)), fd=True, brs=True))
+    buffer = memoryview(b"\xff" * 3 + classic + fd + b"\xff" * 5)
+    assert decode_from(buffer, 3, CAN_MTU, 2, 5, "tx", 7) == decode(classic, 2, 5, "tx", 7)
+    assert decode_from(buffer, 3 + CAN_MTU, CANFD_MTU, 2, 9, "rx", 0) == decode(fd, 2, 9)
+    assert decode_from(buffer, 0, 15, 2, 9, "rx", 0) is None

@@ -11,14 +11,15 @@ from __future__ import annotations
 import socket
 import time
 
-from wiretap.sources.socketcan import (
+from wiretap.sources.mmsg import (
     ANCILLARY_SPACE,
     SO_TIMESTAMP,
     SO_TIMESTAMP_NEW,
     TIMEVAL_64,
-    enable_timestamps,
+    MessageBatch,
     parse_ancillary,
 )
+from wiretap.sources.socketcan import enable_timestamps
 
 # (cmsg type, payload size) a kernel can give: SO_TIMESTAMP_NEW's __kernel_sock_timeval, or a
 # timeval of the userland's time_t (16 bytes on 64-bit; 8 on 32-bit) before Linux 5.1 or under
@@ -47,3 +48,28 @@ def test_a_timestamp_after_2038_survives_on_every_platform():
     after_2038 = 2_240_000_000  # 2040-12-25: beyond a 32-bit time_t
     ancdata = [(socket.SOL_SOCKET, SO_TIMESTAMP_NEW, TIMEVAL_64.pack(after_2038, 7))]
     assert parse_ancillary(ancdata) == (after_2038 * 1_000_000_000 + 7_000, None)
+
+
+def test_recvmmsg_reads_what_recvmsg_reads_on_this_platform():
+    # The reader's batches come through ctypes structures laid out for this platform's C ABI
+    # (msghdr is 28 bytes on armhf, 56 on 64-bit): both ways of reading must agree exactly.
+    sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    batch = MessageBatch(4, 72)
+    with sender, receiver:
+        enable_timestamps(receiver)
+        before_ns = time.time_ns()
+        for size in (16, 72, 16):
+            sender.send(bytes([size]) * size)
+        first, ancdata, flags, _addr = receiver.recvmsg(72, ANCILLARY_SPACE)
+        after_ns = time.time_ns()
+        count = batch.receive(receiver.fileno())
+        rest = [
+            (batch.datagram(offset, size), flags, ts)
+            for offset, size, flags, ts in batch.messages(count)
+        ]
+
+    assert (first, flags) == (b"\x10" * 16, 0)
+    assert [(data, flags) for data, flags, _ts in rest] == [(b"H" * 72, 0), (b"\x10" * 16, 0)]
+    for _data, _flags, ts_ns in rest:
+        assert ts_ns is not None and before_ns // 1000 * 1000 <= ts_ns <= after_ns
+    assert rest[0][2] >= parse_ancillary(ancdata)[0]

@@ -25,13 +25,8 @@ from wiretap.sources import BusInfo, TransmitResult
 from wiretap.sources.socketcan import (
     MSG_CONFIRM,
     MSG_DONTROUTE,
-    SO_RXQ_OVFL,
-    SO_TIMESTAMP,
-    TIMEVAL_32,
-    TIMEVAL_64,
     SocketCanSource,
     direction_of,
-    parse_ancillary,
     set_link_bitrate,
 )
 
@@ -57,16 +52,6 @@ def test_direction_from_msg_flags():
     assert direction_of(MSG_DONTROUTE) == TX
     assert direction_of(MSG_CONFIRM) == TX
     assert direction_of(MSG_CONFIRM | MSG_DONTROUTE) == TX
-
-
-def test_ancillary_timestamps_in_both_time_t_layouts():
-    ts64 = [(socket.SOL_SOCKET, SO_TIMESTAMP, TIMEVAL_64.pack(1_700_000_000, 123_456))]
-    ts32 = [(socket.SOL_SOCKET, SO_TIMESTAMP, TIMEVAL_32.pack(1_700_000_000, 654_321))]
-    assert parse_ancillary(ts64) == (1_700_000_000_123_456_000, None)
-    assert parse_ancillary(ts32) == (1_700_000_000_654_321_000, None)
-    drops = [(socket.SOL_SOCKET, SO_RXQ_OVFL, struct.pack("=I", 42))]
-    assert parse_ancillary(ts64 + drops) == (1_700_000_000_123_456_000, 42)
-    assert parse_ancillary([]) == (None, None)
 
 
 def test_reader_decodes_classic_and_fd_with_the_kernel_timestamp(bus_factory):

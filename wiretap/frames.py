@@ -8,7 +8,7 @@ the CAN FD DLC <-> length tables. Imports nothing from the project.
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 # <linux/can.h>
 CAN_EFF_FLAG = 0x80000000  # extended (29-bit) frame format
@@ -129,13 +129,26 @@ def decode(
     Returns ``None`` for a buffer of any other size (not a CAN frame). The payload is cut to
     ``len`` bytes; RTR frames carry no data whatever their length field says.
     """
-    size = len(buf)
+    return decode_from(buf, 0, len(buf), bus, ts_ns, direction, origin)
+
+
+def decode_from(
+    buffer: Union[bytes, memoryview],
+    offset: int,
+    size: int,
+    bus: int,
+    ts_ns: int,
+    direction: str,
+    origin: int,
+) -> Optional[Frame | ErrorFrame]:
+    """:func:`decode` of the ``size`` bytes at ``offset`` in ``buffer`` (a batch's receive
+    buffer), read in place."""
     if size == CAN_MTU:
-        can_id, length, _len8_dlc, payload = CAN_FRAME.unpack(buf)
+        can_id, length, _len8_dlc, payload = CAN_FRAME.unpack_from(buffer, offset)
         fd = brs = esi = False
         length = min(length, 8)
     elif size == CANFD_MTU:
-        can_id, length, flags, payload = CANFD_FRAME.unpack(buf)
+        can_id, length, flags, payload = CANFD_FRAME.unpack_from(buffer, offset)
         fd = True
         brs = bool(flags & CANFD_BRS)
         esi = bool(flags & CANFD_ESI)

@@ -321,6 +321,11 @@ CLASSIC_FRAME = struct.Struct("<2sIIB")
 """§3 cmd 00: ``F1 00``, timestamp u32 µs, ID u32 (bit 31 extended), (bus << 4 | length).
 Followed by the data and one ``00``."""
 
+CLASSIC_FRAME_WHOLE = tuple(struct.Struct(f"<2sIIB{length}sx") for length in range(9))
+"""§3 cmd 00 whole, one layout per data length 0..8: :data:`CLASSIC_FRAME`, the data and the
+trailing ``00`` in one ``pack`` (what nearly every frame is)."""
+_PACK_CLASSIC_WHOLE = tuple(layout.pack for layout in CLASSIC_FRAME_WHOLE)
+
 FD_FRAME = struct.Struct("<2sIIBB")
 """§3 ESP32RET dialect cmd 14: ``F1 14``, timestamp u32, ID u32, length u8 (bytes), bus u8.
 Followed by the data and one ``00``."""
@@ -340,24 +345,24 @@ def encode_frames(
 ) -> Tuple[bytes, int, int]:
     """Encode a batch for one dialect: ``(bytes, frames encoded, FD frames left out)``."""
     pack_classic = CLASSIC_FRAME.pack
+    pack_whole = _PACK_CLASSIC_WHOLE
+    # cmd 00 is for classic frames only in the ESP32RET dialect (gvret.md §3)
+    fd_as_classic = dialect is not Dialect.ESP32RET
     out: List[bytes] = []
     append = out.append
     skipped = 0
-    for frame in frames:
-        raw_id = frame.can_id | EXTENDED_ID_FLAG if frame.extended else frame.can_id
-        ts = ((frame.ts_ns - start_ns) // 1000) & 0xFFFFFFFF
-        data = frame.data
+    for bus, can_id, extended, _rtr, fd, _brs, _esi, data, ts_ns, _dir, _origin in frames:
+        raw_id = can_id | EXTENDED_ID_FLAG if extended else can_id
+        ts = ((ts_ns - start_ns) // 1000) & 0xFFFFFFFF
         length = len(data)
-        if dialect is Dialect.ESP32RET and frame.fd:
-            # cmd 00 is for classic frames only in this dialect (gvret.md §3)
-            append(FD_FRAME.pack(_FD_CMD, ts, raw_id, length, frame.bus & 0xFF))
-        elif length <= 8:
-            append(pack_classic(_CLASSIC_CMD, ts, raw_id, (frame.bus & 0x0F) << 4 | length))
+        if length <= 8 and (fd_as_classic or not fd):
+            append(pack_whole[length](_CLASSIC_CMD, ts, raw_id, (bus & 0x0F) << 4 | length, data))
+            continue
+        if dialect is Dialect.ESP32RET:
+            append(FD_FRAME.pack(_FD_CMD, ts, raw_id, length, bus & 0xFF))
         elif dialect is Dialect.WIRETAP:
             dlc = FD_DLC_OF_LENGTH[length]
-            append(pack_classic(_CLASSIC_CMD, ts, raw_id, (frame.bus & 0x0F) << 4 | dlc))
-        elif dialect is Dialect.ESP32RET:
-            append(FD_FRAME.pack(_FD_CMD, ts, raw_id, length, frame.bus & 0xFF))
+            append(pack_classic(_CLASSIC_CMD, ts, raw_id, (bus & 0x0F) << 4 | dlc))
         else:
             skipped += 1
             continue

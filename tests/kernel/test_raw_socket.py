@@ -7,6 +7,7 @@ Frames sent by ``cansend`` (another local socket) arrive with ``MSG_DONTROUTE``,
 
 from __future__ import annotations
 
+import select
 import socket
 import subprocess
 import time
@@ -16,7 +17,8 @@ import pytest
 from vcan_tools import scaled
 
 from wiretap.frames import CAN_MTU, CANFD_MTU, decode
-from wiretap.sources.socketcan import TIMEVAL_64, enable_timestamps, parse_ancillary
+from wiretap.sources.mmsg import MessageBatch
+from wiretap.sources.socketcan import enable_timestamps
 
 pytestmark = pytest.mark.vcan
 
@@ -34,12 +36,17 @@ def open_raw(iface: str, fd: bool = False) -> socket.socket:
 def receive(sock: socket.socket) -> Tuple[bytes, int, int]:
     """One frame: its bytes, ``msg_flags`` and the kernel timestamp in ns.
 
-    The timestamp is asked for and read the way the source does it (``SO_TIMESTAMP_NEW``,
-    16 bytes on every platform; ``SO_TIMESTAMP`` with the userland's ``time_t`` before Linux 5.1).
+    Read the way the source reads (``recvmmsg``), with the timestamp asked for the same way
+    (``SO_TIMESTAMP_NEW``, 16 bytes on every platform; ``SO_TIMESTAMP`` with the userland's
+    ``time_t`` before Linux 5.1).
     """
-    data, ancdata, flags, _ = sock.recvmsg(CANFD_MTU, socket.CMSG_SPACE(TIMEVAL_64.size))
-    ts_ns, _drops = parse_ancillary(ancdata)
-    assert ts_ns is not None, f"no SO_TIMESTAMP in {ancdata!r}"
+    ready, _, _ = select.select([sock], [], [], scaled(10))
+    assert ready, "no frame"
+    batch = MessageBatch(1, CANFD_MTU)
+    assert batch.receive(sock.fileno()) == 1
+    [(offset, size, flags, ts_ns)] = batch.messages(1)
+    data = batch.datagram(offset, size)
+    assert ts_ns is not None, "no SO_TIMESTAMP"
     return data, flags, ts_ns
 
 

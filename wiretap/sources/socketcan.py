@@ -1,11 +1,11 @@
 """SocketCAN reader: one thread per interface, raw ``AF_CAN`` socket, kernel timestamps.
 
-Owns: opening the raw socket and its options, the ``recvmsg`` loop with its ancillary data
-(``SO_TIMESTAMP``, ``SO_RXQ_OVFL``), direction from ``msg_flags``, error-frame accounting, the
-down / gone / reopen-by-name life of an interface, what is known of the interface (bit rate,
-listen-only, controller state: learnt over rtnetlink when it is opened and whenever the kernel
-announces a change, in the reader thread, so that :meth:`bus_info` only reads a snapshot), and
-``transmit`` for GVRET clients.
+Owns: opening the raw socket and its options, the read loop (one ``recvmmsg`` per batch, with
+the ancillary data: ``SO_TIMESTAMP``, ``SO_RXQ_OVFL``), direction from ``msg_flags``, error-frame
+accounting, the down / gone / reopen-by-name life of an interface, what is known of the
+interface (bit rate, listen-only, controller state: learnt over rtnetlink when it is opened and
+whenever the kernel announces a change, in the reader thread, so that :meth:`bus_info` only reads
+a snapshot), and ``transmit`` for GVRET clients.
 
 The socket comes through a seam (``open_socket``): tests hand in one end of an ``AF_UNIX``
 ``SOCK_DGRAM`` pair carrying ``can_frame`` / ``canfd_frame`` bytes, which receives the same
@@ -37,7 +37,7 @@ from ..frames import (
     TX,
     ErrorFrame,
     Frame,
-    decode,
+    decode_from,
     encode,
 )
 from ..ratelimit import RateLimitedLog
@@ -53,6 +53,7 @@ from . import (
     Source,
     TransmitResult,
 )
+from .mmsg import SO_RXQ_OVFL, SO_TIMESTAMP, SO_TIMESTAMP_NEW, MessageBatch
 from .netlink import (
     LinkEvent,
     LinkState,
@@ -65,9 +66,6 @@ from .netlink import (
 log = logging.getLogger("wiretap.socketcan")
 
 # <asm-generic/socket.h>; the socket module lacks some of these on older Pythons.
-SO_TIMESTAMP = 29  # SO_TIMESTAMP_OLD: a timeval of the userland's time_t (8 bytes on armhf)
-SO_TIMESTAMP_NEW = 63  # Linux 5.1+: always __kernel_sock_timeval, 64-bit seconds (y2038-safe)
-SO_RXQ_OVFL = 40
 SO_RCVBUFFORCE = 33
 # <linux/can/raw.h>
 SOL_CAN_RAW = 101
@@ -86,24 +84,12 @@ STATE_LOG_INTERVAL_S = 10.0  # a bus flapping between states logs each state onc
 MSG_DONTROUTE = 0x04  # sent by another socket on this host (e.g. cansend)
 MSG_CONFIRM = 0x800  # sent by this very socket, echoed back with CAN_RAW_RECV_OWN_MSGS
 
-TIMEVAL_64 = struct.Struct("=qq")
-"""``struct timeval`` with 64-bit ``time_t`` (64-bit userlands), and ``struct
-__kernel_sock_timeval { __s64 tv_sec; __s64 tv_usec; }`` that ``SO_TIMESTAMP_NEW`` delivers on
-every platform."""
-
-TIMEVAL_32 = struct.Struct("=ii")
-"""``struct timeval`` with 32-bit ``time_t`` (32-bit Raspberry Pi OS): tv_sec, tv_usec."""
-
 SO_MEMINFO = 55
 SK_MEMINFO = struct.Struct("=9I")
 """``SO_MEMINFO``: ``__u32 meminfo[SK_MEMINFO_VARS]`` (``<linux/sock_diag.h>``); index 8 is
 ``SK_MEMINFO_DROPS``, the frames dropped on this socket so far."""
 
-RXQ_OVFL_COUNT = struct.Struct("=I")
-"""``SO_RXQ_OVFL`` ancillary data: ``__u32`` frames the kernel dropped on this socket so far."""
-
 CAN_ERR_FILTER = CAN_ERR_CRTL | CAN_ERR_BUSOFF | CAN_ERR_RESTARTED
-ANCILLARY_SPACE = socket.CMSG_SPACE(TIMEVAL_64.size) + socket.CMSG_SPACE(RXQ_OVFL_COUNT.size)
 RECEIVE_BUFFER = 4 * 1024 * 1024
 MAX_BATCH = 512
 # A busy bus (BUSY_FPS or more) is read once per READ_PAUSE_S: the frames wait in the socket's
@@ -145,23 +131,6 @@ def queue_capacity(sock: socket.socket) -> int:
         except (OSError, ValueError):
             return 1
     return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // CAN_SKB_BYTES
-
-
-def parse_ancillary(ancdata: List[Tuple[int, int, bytes]]) -> Tuple[Optional[int], Optional[int]]:
-    """``(timestamp ns, kernel drop count)`` from ``recvmsg`` ancillary data; None if absent."""
-    ts_ns = drops = None
-    for level, kind, data in ancdata:
-        if level != socket.SOL_SOCKET:
-            continue
-        if kind in (SO_TIMESTAMP, SO_TIMESTAMP_NEW):
-            # Chosen by size, not by kind: qemu-user (7.2) answers SO_TIMESTAMP_NEW on armhf with
-            # an 8-byte SO_TIMESTAMP_OLD message, which a real kernel never does.
-            layout = TIMEVAL_64 if len(data) >= TIMEVAL_64.size else TIMEVAL_32
-            seconds, micros = layout.unpack_from(data)
-            ts_ns = seconds * 1_000_000_000 + micros * 1000
-        elif kind == SO_RXQ_OVFL:
-            (drops,) = RXQ_OVFL_COUNT.unpack_from(data)
-    return ts_ns, drops
 
 
 def enable_timestamps(sock: socket.socket) -> None:
@@ -503,7 +472,8 @@ class SocketCanSource(Source):
         elif watch is not None:
             poller.register(link_fd, select.POLLIN)
         can_fd = sock.fileno()
-        recvmsg = sock.recvmsg
+        received = MessageBatch(MAX_BATCH, CANFD_MTU)
+        receive, messages, data = received.receive, received.messages, received.data
         publish = self._publish
         assert publish is not None
         bus = self.first_bus
@@ -523,32 +493,28 @@ class SocketCanSource(Source):
                     watch = None
             if not any(fd == can_fd for fd, _ in ready):
                 continue
-            batch: List[Frame] = []
             try:
-                for _ in range(MAX_BATCH):
-                    data, ancdata, msg_flags, _addr = recvmsg(CANFD_MTU, ANCILLARY_SPACE)
-                    ts_ns, drops = parse_ancillary(ancdata)
-                    if drops is not None:
-                        self._drops_socket = drops
-                    if ts_ns is None:
-                        ts_ns = time.time_ns()
-                    direction = direction_of(msg_flags)
-                    origin = self._confirmed_origin(data) if msg_flags & MSG_CONFIRM else 0
-                    frame = decode(data, bus, ts_ns, direction, origin)
-                    if frame is None:
-                        continue
-                    if type(frame) is ErrorFrame:
-                        self._on_error_frame(frame)
-                        continue
-                    batch.append(frame)
-            except BlockingIOError:
-                pass
+                count = receive(can_fd)
             except OSError as exc:
-                if batch:
-                    self._deliver(batch, publish)
                 if not self._on_read_error(exc):
                     return
                 continue
+            batch: List[Frame] = []
+            for offset, size, msg_flags, ts_ns in messages(count):
+                if ts_ns is None:
+                    ts_ns = time.time_ns()
+                origin = 0
+                if msg_flags & MSG_CONFIRM:
+                    origin = self._confirmed_origin(received.datagram(offset, size))
+                frame = decode_from(data, offset, size, bus, ts_ns, direction_of(msg_flags), origin)
+                if frame is None:
+                    continue
+                if type(frame) is ErrorFrame:
+                    self._on_error_frame(frame)
+                    continue
+                batch.append(frame)
+            if received.drops is not None:
+                self._drops_socket = received.drops
             if batch:
                 self._deliver(batch, publish)
             window_frames += len(batch)
@@ -557,7 +523,7 @@ class SocketCanSource(Source):
                 rate = window_frames / (now - window_start)
                 pause = BUSY_FPS <= rate < pause_below_fps
                 window_start, window_frames = now, 0
-            pause = pause and len(batch) < MAX_BATCH
+            pause = pause and count < MAX_BATCH
 
     def _deliver(self, batch: List[Frame], publish: Publish) -> None:
         if self._down:
