@@ -64,11 +64,12 @@ IDLE_S = 5.0  # idle CPU window, client connected, no traffic
 TCP_LISTEN = "0A"  # st column of /proc/net/tcp
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads) from ``/proc/<pid>/stat``."""
+def cpu_seconds(pid: int) -> Tuple[float, float]:
+    """User and system CPU time of a process (all its threads) from ``/proc/<pid>/stat``."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def free_port() -> int:
@@ -117,7 +118,8 @@ class Run:
     enobufs_waits: int
     candump: int
     client: int
-    cpu_s: float
+    user_s: float
+    sys_s: float
     window_s: float
 
     @property
@@ -135,6 +137,10 @@ class Run:
     @property
     def us_per_delivered_frame(self) -> float:
         return 1e6 * self.cpu_s / self.client if self.client else 0.0
+
+    @property
+    def cpu_s(self) -> float:
+        return self.user_s + self.sys_s
 
     @property
     def cpu_pct(self) -> float:
@@ -183,13 +189,13 @@ class Contender:
         while not self._stop.is_set():
             self.received += len(self.client.take_frames(0.2))
 
-    def cpu(self) -> float:
+    def cpu(self) -> Tuple[float, float]:
         return cpu_seconds(self.process.pid)
 
     def idle_cpu_pct(self) -> float:
-        before = self.cpu()
+        before = sum(self.cpu())
         time.sleep(IDLE_S)
-        return 100.0 * (self.cpu() - before) / IDLE_S
+        return 100.0 * (sum(self.cpu()) - before) / IDLE_S
 
     def phase(self, rate: int, count: int, workdir: Path) -> Run:
         """Send ``count`` frames at ``rate``, wait until the client's count stops moving, and
@@ -220,7 +226,8 @@ class Contender:
             waits,
             dumped,
             self.received - received_before,
-            cpu_end - cpu_before,
+            cpu_end[0] - cpu_before[0],
+            cpu_end[1] - cpu_before[1],
             moved_at - started,
         )
 
@@ -244,7 +251,8 @@ def show(run: Run) -> str:
         f"{run.server:>11} {run.rate:>5} fps: sent {run.sent} at {run.achieved_fps:,.0f} fps "
         f"({run.frames_per_wake:.1f} per wake-up, {run.enobufs_waits} ENOBUFS waits), "
         f"candump {run.candump}, client {run.client} (loss {run.loss_pct:.1f} %), "
-        f"cpu {run.cpu_s:.2f} s ({run.cpu_pct:.1f} % of a core over {run.window_s:.1f} s), "
+        f"cpu {run.cpu_s:.2f} s (user {run.user_s:.2f}, system {run.sys_s:.2f}; "
+        f"{run.cpu_pct:.1f} % of a core over {run.window_s:.1f} s), "
         f"{run.us_per_bus_frame:.0f} µs per bus frame, "
         f"{run.us_per_delivered_frame:.0f} µs per delivered frame"
     )
@@ -254,7 +262,7 @@ def median_table(runs: Sequence[Run], idle: Dict[str, List[float]]) -> str:
     """Medians over the repeats, one row per (rate, server), as Markdown."""
     lines = [
         "| rate asked | server | achieved fps (frames per sender wake-up) | sent | candump "
-        "| client (loss) | CPU s "
+        "| client (loss) | CPU s (user + system) "
         "| CPU % of a core | µs CPU per bus frame | µs CPU per delivered frame "
         "(= CPU % per 10k fps) |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -267,8 +275,8 @@ def median_table(runs: Sequence[Run], idle: Dict[str, List[float]]) -> str:
             med = {
                 key: statistics.median(getattr(run, key) for run in group)
                 for key in (
-                    "achieved_fps", "frames_per_wake", "candump", "client", "cpu_s", "cpu_pct",
-                    "us_per_bus_frame", "us_per_delivered_frame",
+                    "achieved_fps", "frames_per_wake", "candump", "client", "user_s", "sys_s",
+                    "cpu_s", "cpu_pct", "us_per_bus_frame", "us_per_delivered_frame",
                 )
             }  # fmt: skip
             loss = " / ".join(f"{run.loss_pct:.1f}" for run in group)
@@ -276,7 +284,8 @@ def median_table(runs: Sequence[Run], idle: Dict[str, List[float]]) -> str:
                 f"| {rate:,} | {server} | {med['achieved_fps']:,.0f} "
                 f"({med['frames_per_wake']:.1f}) | {group[0].sent:,} "
                 f"| {med['candump']:,.0f} | {med['client']:,.0f} ({loss} %) "
-                f"| {med['cpu_s']:.2f} | {med['cpu_pct']:.1f} | {med['us_per_bus_frame']:.0f} "
+                f"| {med['cpu_s']:.2f} ({med['user_s']:.2f} + {med['sys_s']:.2f}) "
+                f"| {med['cpu_pct']:.1f} | {med['us_per_bus_frame']:.0f} "
                 f"| {med['us_per_delivered_frame']:.0f} |"
             )
     lines.append("")
