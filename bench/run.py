@@ -1123,7 +1123,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         "--vcan-original",
         metavar="PATH",
         help="side by side instead: this server and the original wiretap-server.py at PATH (not "
-        "in this repository), CPU per frame and loss at equal rates on vcan (in a VM, ~15 min)",
+        "in this repository), CPU per frame and loss at equal rates on vcan (in a VM, ~6 min)",
     )
     parser.add_argument(
         "--savvycan",
