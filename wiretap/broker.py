@@ -32,10 +32,10 @@ from .frames import Frame
 log = logging.getLogger("wiretap.broker")
 
 DROP_LOG_INTERVAL_S = 10.0
-COALESCE_S = 0.002
+COALESCE_S = 0.004  # as long as a SocketCAN reader pauses on a busy bus (READ_PAUSE_S)
 COALESCE_BELOW = 64  # a batch this small waits COALESCE_S for the next reads to join it
 # Busy: this many frames within COALESCE_S (4,000 frames/s). Below it a frame goes out at once.
-BUSY_FRAMES = 8
+BUSY_FRAMES = 16
 MAX_DELIVERY = 2048  # frames per delivery: well inside a client's outbox (~13,000 frames)
 # Frames read but not yet dispatched, at most: ~28 s of a saturated 1 Mbit/s bus, ~50 MB. Only a
 # dispatcher that stopped keeping up (a consumer breaking the never-block rule) gets near it.
