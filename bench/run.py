@@ -12,6 +12,7 @@ bench/roles.py; the throw-away PostgreSQL comes from tests/pgcluster.py.
     python bench/run.py --savvycan      # a model SavvyCAN at 1x and 5x a saturated bus (~90 s)
     python bench/run.py --cpu --cpu-trees ../old .   # CPU per frame by stage, two commits
     python bench/run.py --cpu --deep-seam 1000       # ... with a seam as deep as a CAN socket
+    python bench/run.py --vcan-original PATH        # beside the original server, in the VM
 
 Rates are asked of the feeder; a phase passes when the feeder achieved at least 97 % of the asked
 rate (the seam is blocking, so a reader that falls behind slows the feeder rather than losing
@@ -1119,6 +1120,12 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     )
     parser.add_argument("--vcan-frames", type=int, default=20000, help="frames for --vcan")
     parser.add_argument(
+        "--vcan-original",
+        metavar="PATH",
+        help="side by side instead: this server and the original wiretap-server.py at PATH (not "
+        "in this repository), CPU per frame and loss at equal rates on vcan (in a VM, ~6 min)",
+    )
+    parser.add_argument(
         "--savvycan",
         action="store_true",
         help="flow control instead: a model SavvyCAN at 1x and 5x a saturated bus",
@@ -1188,10 +1195,31 @@ def run_vcan(frames: int) -> int:
     return subprocess.run(command, cwd=root).returncode
 
 
+def run_vcan_original(original: str, repeats: int) -> int:
+    """This server beside the original at equal rates on real SocketCAN: CPU per frame and loss,
+    measured by tests/kernel/original_side_by_side.py inside the vcan tier's VM. The guest sees
+    this machine's file system read-only, so the original is read where it is."""
+    path = Path(original).resolve()
+    if not path.is_file():
+        raise SystemExit(f"--vcan-original: no file at {path}")
+    root = Path(__file__).resolve().parent.parent
+    command = [
+        str(root / "tests" / "kernel" / "run-in-vm.sh"), "--run", sys.executable,
+        str(root / "tests" / "kernel" / "original_side_by_side.py"), "--original", str(path),
+        "--repeats", str(repeats),
+    ]  # fmt: skip
+    # Longer than the tier's default bound: two server starts per repeat, a phase per rate each.
+    environ = dict(os.environ)
+    environ.setdefault("WIRETAP_VM_TIMEOUT", "2400")
+    return subprocess.run(command, cwd=root, env=environ).returncode
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.vcan:
         return run_vcan(args.vcan_frames)
+    if args.vcan_original:
+        return run_vcan_original(args.vcan_original, args.repeats)
     if args.deep_seam:
         deepen_seam(args.deep_seam)
     with tempfile.TemporaryDirectory(prefix="wiretap-bench-") as work:

@@ -48,6 +48,7 @@ class GvretProbe:
         self.sock.sendall(WIRETAP_HELLO)
         self._buffer = b""
         self._frames: List[GvretFrame] = []
+        self.replies = 0  # whole handshake replies received so far
 
     def close(self) -> None:
         self.sock.close()
@@ -79,6 +80,12 @@ class GvretProbe:
         taken, self._frames = self._frames, []
         return taken
 
+    def take_frames(self, timeout: float) -> List[GvretFrame]:
+        """The frames of at most one read, waiting up to ``timeout`` seconds for it."""
+        self._receive(timeout)
+        taken, self._frames = self._frames, []
+        return taken
+
     def _receive(self, timeout: float) -> bool:
         readable, _, _ = select.select([self.sock], [], [], timeout)
         if not readable:
@@ -92,11 +99,16 @@ class GvretProbe:
     def _parse(self) -> None:
         buffer = self._buffer
         offset = 0
-        while len(buffer) - offset >= FRAME_HEAD.size:
+        while len(buffer) - offset >= 2:
             reply_size = REPLY_SIZES.get(buffer[offset : offset + 2])
             if reply_size is not None:
+                if len(buffer) - offset < reply_size:
+                    break
                 offset += reply_size
+                self.replies += 1
                 continue
+            if len(buffer) - offset < FRAME_HEAD.size:
+                break
             command, ts_us, raw_id, length_byte = FRAME_HEAD.unpack_from(buffer, offset)
             assert command == b"\xf1\x00", (
                 f"unexpected message {buffer[offset : offset + 16].hex()}"
