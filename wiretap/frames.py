@@ -119,6 +119,8 @@ class ErrorFrame(NamedTuple):
 
 
 _new_frame = tuple.__new__  # Frame(...) through its __new__ costs ~3x more; this is the hot path.
+_unpack_can_frame = CAN_FRAME.unpack_from
+_unpack_canfd_frame = CANFD_FRAME.unpack_from
 
 
 def decode(
@@ -144,14 +146,15 @@ def decode_from(
     """:func:`decode` of the ``size`` bytes at ``offset`` in ``buffer`` (a batch's receive
     buffer), read in place."""
     if size == CAN_MTU:
-        can_id, length, _len8_dlc, payload = CAN_FRAME.unpack_from(buffer, offset)
+        can_id, length, _len8_dlc, payload = _unpack_can_frame(buffer, offset)
         fd = brs = esi = False
-        length = min(length, 8)
+        if length > 8:
+            length = 8
     elif size == CANFD_MTU:
-        can_id, length, flags, payload = CANFD_FRAME.unpack_from(buffer, offset)
+        can_id, length, flags, payload = _unpack_canfd_frame(buffer, offset)
         fd = True
-        brs = bool(flags & CANFD_BRS)
-        esi = bool(flags & CANFD_ESI)
+        brs = flags & CANFD_BRS != 0
+        esi = flags & CANFD_ESI != 0
         # A local raw socket may send any len (vcan passes 9 on); a controller would pad it to
         # the next DLC length (can_fd_len2dlc), and the encoders count on valid lengths.
         length = _FD_PADDED_LENGTH[min(length, 64)]
@@ -159,10 +162,12 @@ def decode_from(
         return None
     if can_id & CAN_ERR_FLAG:
         return ErrorFrame(bus, can_id & CAN_ERR_MASK, payload[:length], ts_ns)
-    extended = bool(can_id & CAN_EFF_FLAG)
-    rtr = bool(can_id & CAN_RTR_FLAG) and not fd
+    if can_id & CAN_EFF_FLAG:
+        extended, arbitration_id = True, can_id & CAN_EFF_MASK
+    else:
+        extended, arbitration_id = False, can_id & CAN_SFF_MASK
+    rtr = can_id & CAN_RTR_FLAG != 0 and not fd
     data = b"" if rtr else payload[:length]
-    arbitration_id = can_id & (CAN_EFF_MASK if extended else CAN_SFF_MASK)
     return _new_frame(
         Frame, (bus, arbitration_id, extended, rtr, fd, brs, esi, data, ts_ns, direction, origin)
     )
