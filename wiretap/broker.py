@@ -156,15 +156,16 @@ class Broker:
         ``max_queued_frames`` waiting, the batch is dropped and counted (``overflow``)."""
         if not frames:
             return
-        busy = self._busy(len(frames))
+        now = self._clock()
+        busy = self._busy(len(frames), now)
         # A reader that batches a busy bus itself (publishing at most once per COALESCE_S) has
         # done the coalescing already: its batch goes out at once too, with no thread hop.
-        spaced = self._clock() - self._last_delivery >= COALESCE_S
+        spaced = now - self._last_delivery >= COALESCE_S
         if (not busy or spaced) and self._delivering.acquire(blocking=False):
             try:
                 # Nothing queued may still be waiting, or this batch would overtake it.
                 if not self._queued_batches:
-                    self._deliver(frames)
+                    self._deliver(frames, now)
                     return
             finally:
                 self._delivering.release()
@@ -180,11 +181,10 @@ class Broker:
         else:
             self._queue.put_nowait(frames)
 
-    def _busy(self, count: int) -> bool:
+    def _busy(self, count: int, now: float) -> bool:
         """Count ``count`` frames into the current ``COALESCE_S`` window; True while this window
         or the one before holds ``BUSY_FRAMES`` or more. Readers may race on these counters:
         an estimate is all the choice between at once and coalesced needs."""
-        now = self._clock()
         elapsed = now - self._window_start
         if elapsed >= COALESCE_S:
             self._previous_window_frames = self._window_frames if elapsed < 2 * COALESCE_S else 0
@@ -249,7 +249,7 @@ class Broker:
             backlog = len(frames) >= MAX_DELIVERY
             with self._delivering:
                 last_delivery = time.monotonic()
-                self._deliver(frames)
+                self._deliver(frames, self._clock())
                 with self._queued_lock:
                     self._queued_frames -= len(frames)
                     self._queued_batches -= batches
@@ -261,8 +261,8 @@ class Broker:
         started = self._delivery_started
         return self.heartbeat if started is None else started
 
-    def _deliver(self, frames: Sequence[Frame]) -> None:
-        self._last_delivery = self._clock()
+    def _deliver(self, frames: Sequence[Frame], now: float) -> None:
+        self._last_delivery = now
         self._delivery_started = time.monotonic()
         try:
             self._deliver_to_all(frames)

@@ -78,6 +78,7 @@ class MMsgHdr(ctypes.Structure):
 
 
 _IOVEC_POINTER = ctypes.POINTER(IoVec)
+_MMSGHDR_SIZE = ctypes.sizeof(MMsgHdr)
 
 
 def _result_struct() -> struct.Struct:
@@ -190,14 +191,14 @@ class MessageBatch:
             header.msg_controllen = ANCILLARY_SPACE
         # The kernel overwrites msg_controllen and msg_flags of the messages it fills: before the
         # next call, those are put back from this copy.
-        self._pristine = bytes(self._headers)
+        self._pristine = memoryview(bytes(self._headers))
         self._header_bytes = memoryview(self._headers).cast("B")
         self._filled = 0
 
     def receive(self, fd: int) -> int:
         """Fill the buffers with what ``fd`` has queued, without waiting: how many datagrams (0
         when there are none). ``OSError`` as ``recvmsg`` would raise it."""
-        used = self._filled * ctypes.sizeof(MMsgHdr)
+        used = self._filled * _MMSGHDR_SIZE
         self._header_bytes[:used] = self._pristine[:used]
         while True:
             count = _recvmmsg(fd, self._headers, self.capacity, MSG_DONTWAIT, None)

@@ -486,15 +486,18 @@ class SocketCanSource(Source):
         while not self._stop.is_set():
             if pause:
                 time.sleep(READ_PAUSE_S)
-            ready = poller.poll()
-            if watch is not None and any(fd == link_fd for fd, _ in ready):
-                try:
-                    self._on_link_events(watch.read())
-                except OSError as exc:
-                    poller.unregister(link_fd)
-                    self._lose_link_watch(exc.strerror or str(exc))
-                    watch = None
-            if not any(fd == can_fd for fd, _ in ready):
+            can_ready = False
+            for fd, _ in poller.poll():
+                if fd == can_fd:
+                    can_ready = True
+                elif fd == link_fd and watch is not None:
+                    try:
+                        self._on_link_events(watch.read())
+                    except OSError as exc:
+                        poller.unregister(link_fd)
+                        self._lose_link_watch(exc.strerror or str(exc))
+                        watch = None
+            if not can_ready:
                 continue
             try:
                 count = receive(can_fd)
