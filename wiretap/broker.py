@@ -257,13 +257,13 @@ class Broker:
     def last_sign_of_life(self) -> float:
         """When a delivery now under way began (in a reader or the dispatcher), else when the
         dispatcher last went round its loop: how a wedged consumer shows, whichever thread it
-        holds (the systemd watchdog is fed from this)."""
+        holds (the systemd watchdog is fed from this). In ``time.monotonic`` time, as is the
+        broker's clock unless a test gives it another."""
         started = self._delivery_started
         return self.heartbeat if started is None else started
 
     def _deliver(self, frames: Sequence[Frame], now: float) -> None:
-        self._last_delivery = now
-        self._delivery_started = time.monotonic()
+        self._last_delivery = self._delivery_started = now
         try:
             self._deliver_to_all(frames)
         finally:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, FrozenSet, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from .frames import FD_DLC_OF_LENGTH, Frame, is_valid_fd_length
 
@@ -587,6 +587,7 @@ class Connection:
         self.fd_skipped = 0
         self._parser = ClientParser()
         self._views: Dict[int, Tuple[bool, bool]] = {}  # bus -> (enabled, listen_only)
+        self._off: FrozenSet[int] = frozenset()  # the buses it switched off
         self._own_device = Device(device.bus_count, self.bus_view, device.now_us)
         self._binary_at = now
         self._telling_command = False  # a command other than 0C: not in SavvyCAN's handshake
@@ -702,6 +703,7 @@ class Connection:
                 del self._views[bus]
             else:
                 self._views[bus] = wanted
+            self._off = frozenset(bus for bus, (enabled, _) in self._views.items() if not enabled)
             view = self.bus_view(bus)
             events.append(BusSettingsChanged(bus, view.enabled, view.listen_only))
         bitrate = min(word & BUS_WORD_BITRATE, MAX_BITRATE)
@@ -734,7 +736,7 @@ class Connection:
             origins = shared[_ORIGINS] = {frame.origin for frame in frames if frame.origin}
         # The transmitting client is not sent its own frame back (server.md §2), and a bus it
         # switched off is not sent at all.
-        off = {bus for bus, (enabled, _) in self._views.items() if not enabled}
+        off = self._off
         own = self.origin in origins  # type: ignore[operator]
         selected = frames
         if own or (off and any(frame.bus in off for frame in frames)):
