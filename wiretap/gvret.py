@@ -316,6 +316,10 @@ class Dialect(enum.Enum):
     ESP32RET = "esp32ret"  # cmd 14, byte count and whole bus byte
     CLASSIC = "classic"  # not sent at all: SavvyCAN cannot show them
 
+    # A dialect keys the per-batch dict of encodings; Enum's own __hash__ is a Python call.
+    # Members are singletons compared by identity, so the identity hash is the same contract.
+    __hash__ = object.__hash__
+
 
 CLASSIC_FRAME = struct.Struct("<2sIIB")
 """§3 cmd 00: ``F1 00``, timestamp u32 µs, ID u32 (bit 31 extended), (bus << 4 | length).
@@ -815,7 +819,12 @@ class Connection:
             return self.dialect
         long_fd = shared.get(_LONG_FD)
         if long_fd is None:
-            long_fd = shared[_LONG_FD] = any(len(frame.data) > 8 for frame in frames)
+            long_fd = False
+            for frame in frames:
+                if len(frame.data) > 8:
+                    long_fd = True
+                    break
+            shared[_LONG_FD] = long_fd
         if not long_fd:
             return Dialect.CLASSIC  # every frame has at most 8 bytes: the same in every dialect
         if self._telling_command or now - self._binary_at >= HANDSHAKE_S:

@@ -99,7 +99,10 @@ class Outbox:
         self._reply_bytes = 0
         self._writing = False  # the writer thread or a send_now write owns the socket
         self._writing_now = False  # a send_now write is in progress
-        self._ready = threading.Condition(threading.Lock())
+        # Held with ``with self._lock`` (a Condition's own __enter__ and __exit__ are Python
+        # calls, two per put on the per-frame path of a quiet bus); waited on through _ready.
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
         self.closed = False
         self.frames_from = 0.0
         """Monotonic time before which no frame data may be written (a paced client)."""
@@ -109,7 +112,7 @@ class Outbox:
 
     def put_reply(self, data: bytes) -> bool:
         """Queue a reply; False when the client has left ``REPLY_BYTES`` of replies unread."""
-        with self._ready:
+        with self._lock:
             if self._send_now is not None and self._idle():
                 self._writing = self._writing_now = True
             elif self._reply_bytes + len(data) > REPLY_BYTES:
@@ -126,7 +129,7 @@ class Outbox:
         """Queue encoded frames; False (and counted as dropped) when the client is too far
         behind. Up to ``at_once`` bytes into an idle outbox are written by the caller at once."""
         direct = False
-        with self._ready:
+        with self._lock:
             if self._frame_bytes + len(data) > self.capacity:
                 accepted = False
             else:
@@ -149,7 +152,7 @@ class Outbox:
             sent = self._send_now(data)
         except OSError:
             sent = 0  # a full socket, or a broken one: the writer thread sees which
-        with self._ready:
+        with self._lock:
             self._writing = self._writing_now = False
             if sent < len(data):
                 self._head = data[sent:]
@@ -165,7 +168,7 @@ class Outbox:
         """Queue the pieces of one batch (``count`` frames), all or none, each to be written
         on its own (a paced client)."""
         size = sum(len(piece) for piece in pieces)
-        with self._ready:
+        with self._lock:
             accepted = self._frame_bytes + size <= self.capacity
             if accepted:
                 self._frames.extend(pieces)
@@ -185,7 +188,7 @@ class Outbox:
         closed, or after ``timeout`` s (None: no limit) with nothing to write. The caller owns
         the socket until it calls :meth:`written`."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._ready:
+        with self._lock:
             while True:
                 if not self._writing:
                     if self._head:
@@ -222,20 +225,20 @@ class Outbox:
     def written(self, frames_from: Optional[float] = None) -> None:
         """The bytes :meth:`take` returned are written; a paced client's next frame data is due
         at ``frames_from``."""
-        with self._ready:
+        with self._lock:
             self._writing = False
             if frames_from is not None:
                 self.frames_from = frames_from
 
     def close(self) -> None:
-        with self._ready:
+        with self._lock:
             self.closed = True
             self._ready.notify_all()
 
     def close_then(self, release: Callable[[], None]) -> None:
         """Close, wait for a ``send_now`` write in progress (it never blocks), then call
         ``release`` (which closes what ``send_now`` writes to) while no new one can start."""
-        with self._ready:
+        with self._lock:
             self.closed = True
             self._ready.notify_all()
             while self._writing_now:
