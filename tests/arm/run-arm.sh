@@ -23,20 +23,11 @@
 # WIRETAP_ARM_MIRROR (default: the first Debian archive this machine's apt sources name).
 set -euo pipefail
 
-repo=$(cd "$(dirname "$0")/../.." && pwd)
-cd "$repo"
+TIER="arm tier"
+source "$(dirname "$0")/../tier-common.sh"
 cache=${WIRETAP_ARM_CACHE:-/var/cache/wiretap-arm}
 targets=${WIRETAP_ARM_TARGETS:-"bookworm:armhf trixie:armhf trixie:arm64"}
 packages=python3,python3-psycopg2,python3-pytest,python3-hypothesis,iproute2
-
-skip() {
-    if [ "${CI:-}" = "true" ]; then
-        echo "arm tier: FAILED: cannot run it ($*), and under CI=true a skip is a failure" >&2
-        exit 1
-    fi
-    echo "arm tier: SKIPPED: $*" >&2
-    exit 0
-}
 
 [ "$(id -u)" = 0 ] || skip "not root (debootstrap, chroot and binfmt_misc need it)"
 

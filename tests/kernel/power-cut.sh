@@ -10,28 +10,15 @@
 # why and exits 0, except under CI=true.
 set -euo pipefail
 
-repo=$(cd "$(dirname "$0")/../.." && pwd)
-cd "$repo"
-venv=${WIRETAP_VENV:-$repo/.venv}
-python=$venv/bin/python
-
-skip() {
-    if [ "${CI:-}" = "true" ]; then
-        echo "power-cut drill: FAILED: cannot run it ($*), and under CI=true a skip is a failure" >&2
-        exit 1
-    fi
-    echo "power-cut drill: SKIPPED: $*" >&2
-    exit 0
-}
+TIER="power-cut drill"
+source "$(dirname "$0")/../tier-common.sh"
 
 [ -x "$python" ] || skip "no venv at $venv (scripts/test.sh creates it)"
 command -v qemu-system-x86_64 >/dev/null || skip "no qemu (tests/kernel/run-in-vm.sh installs it)"
 command -v mkfs.ext4 >/dev/null || skip "no mkfs.ext4 (e2fsprogs)"
 kernel=$(ls /boot/vmlinuz-* 2>/dev/null | head -n 1) || true
 [ -n "$kernel" ] || skip "no kernel image in /boot"
-if [ ! -x "$venv/bin/vng" ]; then
-    "$venv/bin/pip" install -q -r requirements-vm.txt
-fi
+install_virtme_ng
 
 work=$(mktemp -d /tmp/wiretap-powercut.XXXXXX)
 trap 'rm -rf "$work"' EXIT

@@ -14,19 +14,8 @@
 # works), WIRETAP_VM_TIMEOUT seconds for the whole guest run (default 900).
 set -euo pipefail
 
-repo=$(cd "$(dirname "$0")/../.." && pwd)
-cd "$repo"
-venv=${WIRETAP_VENV:-$repo/.venv}
-python=$venv/bin/python
-
-skip() {
-    if [ "${CI:-}" = "true" ]; then
-        echo "vcan tier: FAILED: cannot run it ($*), and under CI=true a skip is a failure" >&2
-        exit 1
-    fi
-    echo "vcan tier: SKIPPED: $*" >&2
-    exit 0
-}
+TIER="vcan tier"
+source "$(dirname "$0")/../tier-common.sh"
 
 [ -x "$python" ] || skip "no venv at $venv (scripts/test.sh creates it)"
 
@@ -72,10 +61,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 kernel=$(find_kernel) || skip "no kernel image in /boot with a vcan module"
 
-if [ ! -x "$venv/bin/vng" ]; then
-    echo "vcan tier: installing virtme-ng into $venv"
-    "$venv/bin/pip" install -q -r requirements-vm.txt
-fi
+install_virtme_ng
 
 results=$(mktemp -d /tmp/wiretap-vcan.XXXXXX)
 trap 'rm -rf "$results"' EXIT
