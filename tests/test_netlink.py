@@ -59,6 +59,7 @@ def can_link(
     listen_only: bool = False,
     state: int = 0,
     berr: tuple = None,
+    restart_ms: int = 0,
     mtu: int = 16,
     kind: int = 16,  # RTM_NEWLINK
     seq: int = 0,
@@ -67,6 +68,7 @@ def can_link(
     bittiming = struct.pack("=8I", bitrate, 875, 125, 6, 7, 2, 1, 2)
     data = attr(5, struct.pack("=II", 0xFFFF, 0x02 if listen_only else 0))  # IFLA_CAN_CTRLMODE
     data += attr(4, struct.pack("=I", state))  # IFLA_CAN_STATE
+    data += attr(6, struct.pack("=I", restart_ms))  # IFLA_CAN_RESTART_MS, always there
     if bitrate:
         data = attr(1, bittiming) + data  # IFLA_CAN_BITTIMING, only when configured
     if data_bitrate:
@@ -96,6 +98,7 @@ def test_a_can_interface_with_every_attribute():
         listen_only=True,
         state=2,
         berr=(130, 5),
+        restart_ms=100,
         mtu=72,
         seq=9,
     )
@@ -115,6 +118,7 @@ def test_a_can_interface_with_every_attribute():
                 can_state="error-passive",
                 tx_errors=130,
                 rx_errors=5,
+                restart_ms=100,
             ),
         )
     ]

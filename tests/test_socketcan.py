@@ -278,6 +278,34 @@ def test_bus_info_is_what_the_kernel_said_at_start_then_at_each_change(bus_facto
     assert not source._thread.is_alive()  # woken at once by stop(): it has no poll timeout
 
 
+@pytest.mark.parametrize(
+    "restart_ms, then",
+    [
+        (100, ", restarting in 100 ms"),
+        (0, ", stays off until 'ip link set can0 type can restart'"),
+    ],
+)
+def test_the_bus_off_line_says_what_the_kernel_does_next(bus_factory, caplog, restart_ms, then):
+    bus = bus_factory()
+    kernel, source_end = link_seam()
+    kernel.send(can_link("can0", restart_ms=restart_ms))  # `ip link set can0 type can restart-ms`
+    source = SocketCanSource(
+        "can0", 0, open_socket=lambda: bus.reader_end, open_link=lambda: source_end
+    )
+    collector = started(source)
+    try:
+        with caplog.at_level(logging.WARNING, logger="wiretap.socketcan"):
+            bus.send_raw(CAN_FRAME.pack(CAN_ERR_FLAG | CAN_ERR_BUSOFF, 8, 0, bytes(8)))
+            bus.send(make_frame(0, 0x100, b""))
+            wait_until(lambda: len(collector.frames) == 1)
+    finally:
+        source.stop()
+        source.join(10)
+    assert [r.getMessage() for r in caplog.records if "bus-off" in r.getMessage()] == [
+        "can0: bus-off (tx errors 256)" + then
+    ]
+
+
 def test_a_kernel_that_gives_no_bitrate_is_reported_as_500000_and_logged_once(bus_factory, caplog):
     bus = bus_factory()
     kernel, source_end = link_seam()
@@ -364,7 +392,6 @@ def test_every_can_state_change_is_one_line_with_the_counters(bus_factory, caplo
 
     bus = bus_factory()
     source = SocketCanSource("can0", 0, open_socket=lambda: bus.reader_end)
-    source._restart_ms = 100  # what `ip -details link` says as restart-ms
     source._state_log.interval = 0  # every change, however quick (the flapping test limits)
     collector = started(source)
     sequence = [
@@ -392,7 +419,7 @@ def test_every_can_state_change_is_one_line_with_the_counters(bus_factory, caplo
     ] == [
         ("WARNING", "can0: error-warning (tx errors 96, rx errors 3)"),
         ("WARNING", "can0: error-passive (tx errors 128, rx errors 4)"),
-        ("WARNING", "can0: bus-off (tx errors 256), restarting in 100 ms"),
+        ("WARNING", "can0: bus-off (tx errors 256)"),  # restart-ms unknown: no link seam here
         ("INFO", "can0: error-active again after bus-off (tx errors 0, rx errors 0)"),
         ("WARNING", "can0: error-warning (tx errors 100, rx errors 0)"),
         ("INFO", "can0: error-active again after error-warning (tx errors 20, rx errors 1)"),

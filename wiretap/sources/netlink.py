@@ -77,6 +77,7 @@ IFLA_INFO_DATA = 2
 IFLA_CAN_BITTIMING = 1
 IFLA_CAN_STATE = 4
 IFLA_CAN_CTRLMODE = 5
+IFLA_CAN_RESTART_MS = 6
 IFLA_CAN_BERR_COUNTER = 8
 IFLA_CAN_DATA_BITTIMING = 9
 CAN_CTRLMODE_LISTENONLY = 0x02
@@ -104,6 +105,7 @@ class LinkState(NamedTuple):
     can_state: Optional[str]  # one of CAN_STATES; None when the kernel says none (vcan)
     tx_errors: Optional[int]  # the controller's error counters, where the driver reports them
     rx_errors: Optional[int]
+    restart_ms: Optional[int] = None  # after bus-off (0: stays off until restarted by hand)
 
 
 class LinkUpdate(NamedTuple):
@@ -186,6 +188,7 @@ class CanData(NamedTuple):
     state: Optional[str] = None
     tx_errors: Optional[int] = None
     rx_errors: Optional[int] = None
+    restart_ms: Optional[int] = None
 
 
 def parse_can_data(data: bytes) -> CanData:
@@ -207,6 +210,8 @@ def parse_can_data(data: bytes) -> CanData:
         elif attr == IFLA_CAN_BERR_COUNTER and len(value) >= CAN_BERR_COUNTER.size:
             tx_errors, rx_errors = CAN_BERR_COUNTER.unpack_from(value)
             found = found._replace(tx_errors=tx_errors, rx_errors=rx_errors)
+        elif attr == IFLA_CAN_RESTART_MS and len(value) >= U32.size:
+            found = found._replace(restart_ms=U32.unpack_from(value)[0])
     return found
 
 
@@ -246,6 +251,7 @@ def parse_link(payload: bytes) -> Optional[LinkState]:
         can_state=can.state,
         tx_errors=can.tx_errors,
         rx_errors=can.rx_errors,
+        restart_ms=can.restart_ms,
     )
 
 

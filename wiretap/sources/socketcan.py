@@ -382,6 +382,7 @@ class SocketCanSource(Source):
             )
         previous = self.link
         self.link = link
+        self._restart_ms = link.restart_ms
         self._bus_info = BusInfo(
             True,
             link.listen_only,
