@@ -45,7 +45,7 @@ REPLY_BYTES = 64 * 1024  # unread replies: a client that only sends keepalives m
 WRITE_CHUNK = 16 * 1024
 # A quiet bus's write: up to ~12 classic frames. Written at once by whoever queues it into an
 # idle outbox, and a paced client gets it without waiting for its interval: a bus that brings
-# under 256 B per 2 ms coalescing window brings less than 128 KB/s, far below the pace. More, from
+# under 256 B per 4 ms coalescing window brings less than 64 KB/s, far below the pace. More, from
 # a busy bus, goes to a paced client's writer thread; an unpaced client's is written at once too,
 # up to WRITE_CHUNK (non-blocking: what the socket does not take, its writer thread finishes).
 QUIET_WRITE_BYTES = 256
